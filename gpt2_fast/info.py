@@ -1,0 +1,42 @@
+"""`gpt2-fast info`: the device, library versions, and which kernel backends can run here."""
+from __future__ import annotations
+
+import importlib
+import platform
+
+import torch
+
+from . import ops
+
+
+def _version(module: str) -> str:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "installed")
+    except Exception as e:
+        return f"not available ({type(e).__name__})"
+
+
+def info_lines() -> list[str]:
+    lines = [f"gpt2_fast {_version('gpt2_fast')}  python {platform.python_version()}  "
+             f"torch {torch.__version__}  triton {_version('triton')}  "
+             f"transformers {_version('transformers')}  tiktoken {_version('tiktoken')}"]
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        lines.append(f"device: cuda ({p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}, "
+                     f"CUDA {torch.version.cuda})")
+        device_types = ["cuda", "cpu"]
+    else:
+        lines.append(f"device: cpu ({platform.processor() or platform.machine()}, "
+                     f"{torch.get_num_threads()} threads); no CUDA device")
+        device_types = ["cpu"]
+    env = ops.requested_backend("auto")
+    lines.append(f"backend requested: {env} (GPT2_FAST_BACKEND or GPTConfig.backend)")
+    for dt in device_types:
+        lines.append(f"backends on {dt}:")
+        for name, why in ops.backend_status(dt).items():
+            if name in ("cuda",) and dt == "cpu" or name == "cpp" and dt == "cuda":
+                continue
+            lines.append(f"  {name:7s} {'usable' if why is None else 'unusable: ' + why}")
+        picks = {op: ops.resolve(op, env, dt)[0] for op in ops.OPS}
+        lines.append("  auto picks: " + ", ".join(f"{op}={b}" for op, b in picks.items()))
+    return lines
