@@ -1,0 +1,66 @@
+"""torch.library registration shared by the Triton kernel files (namespace "gpt2_fast_triton").
+
+Each kernel file registers its host launchers (`<op>_fwd`, `<op>_bwd`) with `triton_op` and
+launches its @triton.jit kernels through `launch(kernel)[grid](...)` inside them. Ops registered
+with torch.library.triton_op get their fake (meta) implementation by tracing the launcher with
+fake tensors, in which `wrap_triton` launches nothing, so torch.compile and CUDA graphs see
+through them without a hand-written register_fake. The autograd.Function of each op calls the
+registered ops: dynamo traces the Function, inductor sees the kernels.
+
+Under TRITON_INTERPRET=1 on CPU the registered ops run eagerly as plain Python; torch.compile of
+them does not (the interpreter reads data pointers of fake tensors), which only matters on CPU.
+
+Kept small and stable: the attention kernel files import `triton_op`, `launch`, `num_programs`.
+"""
+from typing import Callable
+
+import torch
+from torch.library import wrap_triton
+
+NAMESPACE = "gpt2_fast_triton"
+
+
+def triton_op(name: str, mutates_args=()) -> Callable:
+    """Decorator: register `fn` as torch.ops.gpt2_fast_triton.<name> (schema from type hints).
+
+    The decorated function must take and return tensors (or tuples of them), allocate its outputs
+    and never return a view of an input.
+    """
+    return torch.library.triton_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)
+
+
+def launch(kernel):
+    """The launchable form of a @triton.jit kernel inside a triton_op: `launch(k)[grid](...)`."""
+    return wrap_triton(kernel)
+
+
+def num_programs(device: torch.device, per_sm: int = 4, cpu: int = 4) -> int:
+    """Program count for persistent grids (programs loop over row tiles): per_sm x the SM count on
+    CUDA, `cpu` under the interpreter (fewer programs interpret faster)."""
+    if device.type == "cuda":
+        return per_sm * torch.cuda.get_device_properties(device).multi_processor_count
+    return cpu
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    """Raise TypeError unless t is a float32/float16/bfloat16 tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_same_device(ref_name: str, ref: torch.Tensor, **others) -> None:
+    """Raise ValueError if any tensor in others (name=tensor or None) is not on ref's device."""
+    for name, t in others.items():
+        if t is not None and t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; "
+                             f"expected all on one device")
+
+
+def rows_2d(t: torch.Tensor, n: int) -> torch.Tensor:
+    """t (..., n) as a (rows, n) tensor with unit column stride (copies only when it must)."""
+    t2 = t.reshape(-1, n)
+    if t2.stride(-1) != 1 or (t2.shape[0] > 1 and t2.stride(0) < n):
+        t2 = t2.contiguous()
+    return t2
