@@ -1,0 +1,604 @@
+"""Flash attention in Triton: causal / non-causal, forward and backward, optional dropout.
+
+    o = softmax(q k^T * scale [+ causal mask]) v      q (B, H, Tq, D), k/v (B, H, Tk, D)
+
+Causal is aligned bottom-right (flash-attn's convention, reference.attention_ref): query i sees
+key j iff j <= i + (Tk - Tq). A query that sees no key at all (causal with Tq > Tk) gets zeros
+and lse = -inf (the reference gives NaN there).
+
+Forward (one program per (BLOCK_M queries, batch*head); online softmax, FlashAttention-2):
+    for each key block j:   s = q k_j^T * scale * log2(e)            (base-2 exponent units)
+                            m' = max(m, rowmax(s)); alpha = 2^(m - m'); p = 2^(s - m')
+                            l = alpha l + rowsum(p); acc = alpha acc + p v_j; m = m'
+    o = acc / l;  lse = (m + log2 l) * ln 2   (natural log, fp32, saved for the backward)
+Key blocks run in two stages: blocks every query of the block sees entirely (no mask work),
+then the few that straddle the causal diagonal or the Tk tail (masked); causal blocks past the
+diagonal are never visited. Head dims are padded to BLOCK_D = next power of two (>= 16) with
+masked loads, so D = 80 works; q/k/v/o are addressed through their strides, so the model's
+transposed views of (B, T, H, D) are read in place, and o, dq, dk, dv are allocated in that
+(B, T, H, D) memory order (returned as (B, H, T, D) views) so the caller's transpose back is free.
+
+Backward (FlashAttention-2, no atomics; P is recomputed from q, k and the saved lse):
+    delta_i = rowsum(dO_i * O_i)                                  (_attention_bwd_preprocess_kernel)
+    per key block (dk, dv; loop over query blocks)                (_attention_bwd_dkdv_kernel)
+        P = exp(S - lse);  dV += P^T dO;  dP = dO V^T;  dS = P * (dP - delta);  dK += dS^T Q * scale
+    per query block (dq; loop over key blocks)                    (_attention_bwd_dq_kernel)
+        dQ += dS K * scale
+Recomputing S in two kernels costs ~20% more FLOPs than one atomic dq kernel but is deterministic.
+
+Dropout (training): keep_ij = (philox_uniform(seed, bh*Tq*Tk + i*Tk + j) >= p); the forward
+normalizes l with the undropped p, accumulates only kept p, and scales o by 1/(1-p). The
+backward regenerates the same keep mask from the same seed and offsets: dV uses the dropped,
+rescaled P; dP is masked and rescaled the same way; delta = rowsum(dO * O) still holds because
+O already contains the dropout. The seed is an int64 device tensor drawn with torch.randint, so
+a CUDA-graph replay draws a fresh mask (torch's generator is graph-aware) and nothing syncs.
+
+Layers: @triton.jit kernels -> host launchers (attention_fwd, attention_bwd) -> torch.library
+custom ops "gpt2_fast_triton::attention_fwd" / "::attention_bwd" with fake (meta) functions, so
+torch.compile and CUDA graphs see through them -> AttentionFunction (autograd) -> attention().
+The same path runs on CPU under TRITON_INTERPRET=1. On CUDA the kernels are autotuned for
+H100/H200 (BLOCK_M/BLOCK_N 64/128, 4/8 warps, 2-4 stages); under the interpreter one small
+config is used (autotuning there is meaningless and slow).
+Peers read for the design: Triton tutorial 06 (fused attention) and Dao's flash-attention.
+"""
+# No `from __future__ import annotations`: torch.library reads these annotations at runtime.
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from gpt2_fast import poison
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# =============================================================================================
+# Kernels
+# =============================================================================================
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a (len(rows), len(cols)) tile, zero outside rows < n_rows / cols < n_cols."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _attention_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                         lo, hi, offs_m, offs_d, Tk, D, causal_off, qk_scale,
+                         seed, drop_base, dropout_p,
+                         MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                         EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       offs_n, Tk, offs_d, D, MASKED, not EVEN_D)                  # (N, Dp)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale          # (M, N) log2 units
+        if MASKED:
+            keep = offs_n[None, :] < Tk
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row may have seen no key yet: keep 2^(s - m) finite
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            rng = drop_base + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
+            p = tl.where(tl.rand(seed, rng) >= dropout_p, p, 0.0)
+        v = _load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                       offs_n, Tk, offs_d, D, MASKED, not EVEN_D)                  # (N, Dp)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attention_fwd_kernel(Q, K, V, O, LSE, Seed,
+                          stride_qb, stride_qh, stride_qm, stride_qd,
+                          stride_kb, stride_kh, stride_kn, stride_kd,
+                          stride_vb, stride_vh, stride_vn, stride_vd,
+                          stride_ob, stride_oh, stride_om, stride_od,
+                          H, Tq, Tk, D, sm_scale, dropout_p, T_BUCKET_Q, T_BUCKET_K,
+                          IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                          BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    O += off_b * stride_ob + off_h * stride_oh
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   offs_m, Tq, offs_d, D, True, not EVEN_D)                                # (M, Dp)
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    causal_off = Tk - Tq
+    tk_full = (Tk // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        # keys every row of this block sees: j <= m0 + causal_off; the last one any row sees:
+        # m0 + BLOCK_M - 1 + causal_off
+        full_hi = tl.maximum(tl.minimum(((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N, tk_full), 0)
+        hi = tl.minimum(m0 + BLOCK_M + causal_off, Tk)
+    else:
+        full_hi = tk_full
+        hi = Tk
+    seed = 0
+    drop_base = 0
+    if HAS_DROPOUT:
+        seed = tl.load(Seed)
+        drop_base = pid_bh * Tq * Tk
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        0, full_hi, offs_m, offs_d, Tk, D, causal_off, qk_scale, seed, drop_base, dropout_p,
+        False, IS_CAUSAL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PREC)
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+        full_hi, hi, offs_m, offs_d, Tk, D, causal_off, qk_scale, seed, drop_base, dropout_p,
+        True, IS_CAUSAL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PREC)
+
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if HAS_DROPOUT:
+        o = o * (1.0 / (1.0 - dropout_p))
+    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=offs_m < Tq)
+
+
+@triton.jit
+def _attention_bwd_preprocess_kernel(O, DO, Delta,
+                                     stride_ob, stride_oh, stride_om, stride_od,
+                                     stride_dob, stride_doh, stride_dom, stride_dod,
+                                     H, Tq, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                     EVEN_D: tl.constexpr):
+    """delta = rowsum(dO * O) in fp32, (B*H, Tq)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(O + off_b * stride_ob + off_h * stride_oh
+                   + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                   offs_m, Tq, offs_d, D, True, not EVEN_D).to(tl.float32)
+    do = _load_tile(DO + off_b * stride_dob + off_h * stride_doh
+                    + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                    offs_m, Tq, offs_d, D, True, not EVEN_D).to(tl.float32)
+    tl.store(Delta + pid_bh * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
+
+
+@triton.jit
+def _attention_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta,
+                              stride_qm, stride_qd, stride_dom, stride_dod,
+                              lo, hi, offs_n, offs_d, Tq, Tk, D, causal_off, qk_scale, rp_scale,
+                              seed, drop_base, dropout_p,
+                              MASKED: tl.constexpr, HAS_DROPOUT: tl.constexpr, EVEN_D: tl.constexpr,
+                              BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = _load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                       offs_m, Tq, offs_d, D, True, not EVEN_D)                             # (M, Dp)
+        do = _load_tile(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                        offs_m, Tq, offs_d, D, True, not EVEN_D)                            # (M, Dp)
+        # padded rows get lse = +inf, so their P is 0; so do rows that saw no key (lse = -inf)
+        lse = tl.load(LSE + offs_m, mask=offs_m < Tq, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(Delta + offs_m, mask=offs_m < Tq, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale             # (N, M)
+        if MASKED:
+            sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, sT, float("-inf"))
+        pT = tl.math.exp2(sT - lse[None, :])
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                       # (N, M)
+        if HAS_DROPOUT:
+            rng = drop_base + offs_m[None, :].to(tl.int64) * Tk + offs_n[:, None]
+            kept = tl.rand(seed, rng) >= dropout_p
+            pdT = tl.where(kept, pT * rp_scale, 0.0)
+            dpT = tl.where(kept, dpT * rp_scale, 0.0)
+        else:
+            pdT = pT
+        dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Seed,
+                               stride_qb, stride_qh, stride_qm, stride_qd,
+                               stride_kb, stride_kh, stride_kn, stride_kd,
+                               stride_vb, stride_vh, stride_vn, stride_vd,
+                               stride_dob, stride_doh, stride_dom, stride_dod,
+                               stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                               stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                               H, Tq, Tk, D, sm_scale, dropout_p, T_BUCKET_Q, T_BUCKET_K,
+                               IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                               BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    DK += off_b * stride_dkb + off_h * stride_dkh
+    DV += off_b * stride_dvb + off_h * stride_dvh
+    LSE += pid_bh * Tq
+    Delta += pid_bh * Tq
+
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                   offs_n, Tk, offs_d, D, True, not EVEN_D)                                # (N, Dp)
+    v = _load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                   offs_n, Tk, offs_d, D, True, not EVEN_D)                                # (N, Dp)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    rp_scale = 1.0
+    seed = 0
+    drop_base = 0
+    if HAS_DROPOUT:
+        rp_scale = 1.0 / (1.0 - dropout_p)
+        seed = tl.load(Seed)
+        drop_base = pid_bh * Tq * Tk
+    causal_off = Tk - Tq
+    if IS_CAUSAL:
+        # first query that sees key n0: i >= n0 - causal_off; first query block whose every row
+        # sees every key of this block: start >= n0 + BLOCK_N - 1 - causal_off
+        lo = (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M, Tq)
+        mid = tl.maximum(mid, lo)
+        dk, dv = _attention_bwd_dkdv_inner(
+            dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_qd, stride_dom, stride_dod,
+            lo, mid, offs_n, offs_d, Tq, Tk, D, causal_off, qk_scale, rp_scale, seed, drop_base,
+            dropout_p, True, HAS_DROPOUT, EVEN_D, BLOCK_M, DOT_PREC)
+    else:
+        mid = 0
+    dk, dv = _attention_bwd_dkdv_inner(
+        dk, dv, k, v, Q, DO, LSE, Delta, stride_qm, stride_qd, stride_dom, stride_dod,
+        mid, Tq, offs_n, offs_d, Tq, Tk, D, causal_off, qk_scale, rp_scale, seed, drop_base,
+        dropout_p, False, HAS_DROPOUT, EVEN_D, BLOCK_M, DOT_PREC)
+
+    dk = dk * sm_scale
+    mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
+    tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _attention_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
+                            lo, hi, offs_m, offs_d, Tk, D, causal_off, qk_scale, rp_scale,
+                            seed, drop_base, dropout_p,
+                            MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                            EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                       offs_n, Tk, offs_d, D, MASKED, not EVEN_D)                           # (N, Dp)
+        v = _load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                       offs_n, Tk, offs_d, D, MASKED, not EVEN_D)                           # (N, Dp)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale              # (M, N)
+        if MASKED:
+            keep = offs_n[None, :] < Tk
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_off)
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)                        # (M, N)
+        if HAS_DROPOUT:
+            rng = drop_base + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
+            dp = tl.where(tl.rand(seed, rng) >= dropout_p, dp * rp_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Seed,
+                             stride_qb, stride_qh, stride_qm, stride_qd,
+                             stride_kb, stride_kh, stride_kn, stride_kd,
+                             stride_vb, stride_vh, stride_vn, stride_vd,
+                             stride_dob, stride_doh, stride_dom, stride_dod,
+                             stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                             H, Tq, Tk, D, sm_scale, dropout_p, T_BUCKET_Q, T_BUCKET_K,
+                             IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                             BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    off_b = pid_bh // H
+    off_h = pid_bh % H
+    Q += off_b * stride_qb + off_h * stride_qh
+    K += off_b * stride_kb + off_h * stride_kh
+    V += off_b * stride_vb + off_h * stride_vh
+    DO += off_b * stride_dob + off_h * stride_doh
+    DQ += off_b * stride_dqb + off_h * stride_dqh
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                   offs_m, Tq, offs_d, D, True, not EVEN_D)
+    do = _load_tile(DO + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                    offs_m, Tq, offs_d, D, True, not EVEN_D)
+    lse = tl.load(LSE + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=float("inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(Delta + pid_bh * Tq + offs_m, mask=offs_m < Tq, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    rp_scale = 1.0
+    seed = 0
+    drop_base = 0
+    if HAS_DROPOUT:
+        rp_scale = 1.0 / (1.0 - dropout_p)
+        seed = tl.load(Seed)
+        drop_base = pid_bh * Tq * Tk
+
+    causal_off = Tk - Tq
+    tk_full = (Tk // BLOCK_N) * BLOCK_N
+    if IS_CAUSAL:
+        full_hi = tl.maximum(tl.minimum(((m0 + causal_off + 1) // BLOCK_N) * BLOCK_N, tk_full), 0)
+        hi = tl.minimum(m0 + BLOCK_M + causal_off, Tk)
+    else:
+        full_hi = tk_full
+        hi = Tk
+    dq = _attention_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn,
+                                 stride_vd, 0, full_hi, offs_m, offs_d, Tk, D, causal_off, qk_scale,
+                                 rp_scale, seed, drop_base, dropout_p,
+                                 False, IS_CAUSAL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PREC)
+    dq = _attention_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, stride_vn,
+                                 stride_vd, full_hi, hi, offs_m, offs_d, Tk, D, causal_off, qk_scale,
+                                 rp_scale, seed, drop_base, dropout_p,
+                                 True, IS_CAUSAL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D))
+
+
+# =============================================================================================
+# Host launchers
+# =============================================================================================
+
+def _configs(pairs):
+    """triton.Config list from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+
+_KEY = ["T_BUCKET_Q", "T_BUCKET_K", "BLOCK_D", "IS_CAUSAL", "HAS_DROPOUT"]
+if INTERPRET:
+    # One small config: autotuning in the interpreter measures nothing. Unequal BLOCK_M and
+    # BLOCK_N on purpose, so the tests exercise the block-boundary logic of the causal stages.
+    _FWD_CONFIGS = _configs([(64, 32, 4, 1)])
+    _DKDV_CONFIGS = _configs([(32, 64, 4, 1)])
+    _DQ_CONFIGS = _configs([(64, 32, 4, 1)])
+else:
+    # H100/H200 candidates (sm_90: 228 KB shared memory; configs that do not fit are skipped by
+    # the autotuner). Forward: large query tiles; dK/dV: key tiles of 64/128 with query tiles of
+    # 32/64; dQ: query tiles of 64/128 with key tiles of 32/64.
+    _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
+                             (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)])
+    _DKDV_CONFIGS = _configs([(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3),
+                              (64, 64, 4, 4), (32, 64, 4, 4)])
+    _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
+                            (128, 32, 4, 3), (64, 32, 4, 4)])
+
+_attention_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_attention_fwd_kernel)
+_attention_bwd_dkdv_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)(_attention_bwd_dkdv_kernel)
+_attention_bwd_dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_KEY)(_attention_bwd_dq_kernel)
+_PREPROCESS_BLOCK_M = 32 if INTERPRET else 64
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _bucket(T: int) -> int:
+    """Autotune key for a length: its next power of two, so every T does not re-tune."""
+    return max(16, triton.next_power_of_2(max(T, 1)))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (TF32 would miss the fp32 tolerance); 16-bit: ignored.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _bthd_empty(B: int, H: int, T: int, D: int, dtype: torch.dtype, device) -> Tensor:
+    """A (B, H, T, D) view of (B, T, H, D) memory: the layout the model transposes back for free."""
+    return poison.empty(B, T, H, D, dtype=dtype, device=device).transpose(1, 2)
+
+
+def _device_ctx(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
+
+
+class _NullCtx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, scale: float,
+                  seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Launch the forward. Returns o (B, H, Tq, D) in q's dtype and lse (B, H, Tq) fp32 (natural log)."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    o = _bthd_empty(B, H, Tq, D, q.dtype, q.device)
+    lse = poison.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    if B * H * Tq == 0:
+        return o, lse
+    BLOCK_D = _block_d(D)
+    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
+    with _device_ctx(q):
+        _attention_fwd_tuned[grid](
+            q, k, v, o, lse, seed if seed is not None else lse,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            H, Tq, Tk, D, float(scale), float(dropout_p), _bucket(Tq), _bucket(Tk),
+            IS_CAUSAL=bool(causal), HAS_DROPOUT=dropout_p > 0.0, BLOCK_D=BLOCK_D,
+            EVEN_D=BLOCK_D == D, DOT_PREC=_dot_precision(q.dtype))
+    return o, lse
+
+
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
+                  dropout_p: float, scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the backward (preprocess, dK/dV, dQ). Returns dq, dk, dv in the inputs' dtype."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    dq = _bthd_empty(B, H, Tq, D, q.dtype, q.device)
+    dk = _bthd_empty(B, H, Tk, D, k.dtype, k.device)
+    dv = _bthd_empty(B, H, Tk, D, v.dtype, v.device)
+    if B * H == 0 or Tk == 0 or Tq == 0:  # nothing to launch: every gradient is an empty or zero sum
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    BLOCK_D = _block_d(D)
+    delta = poison.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+    seed_arg = seed if seed is not None else delta
+    common = dict(IS_CAUSAL=bool(causal), HAS_DROPOUT=dropout_p > 0.0, BLOCK_D=BLOCK_D,
+                  EVEN_D=BLOCK_D == D, DOT_PREC=_dot_precision(q.dtype))
+    with _device_ctx(q):
+        _attention_bwd_preprocess_kernel[(triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * H)](
+            o, do, delta, *o.stride(), *do.stride(), H, Tq, D,
+            BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D)
+        _attention_bwd_dkdv_tuned[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)](
+            q, k, v, do, lse, delta, dk, dv, seed_arg,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            H, Tq, Tk, D, float(scale), float(dropout_p), _bucket(Tq), _bucket(Tk), **common)
+        _attention_bwd_dq_tuned[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)](
+            q, k, v, do, lse, delta, dq, seed_arg,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            H, Tq, Tk, D, float(scale), float(dropout_p), _bucket(Tq), _bucket(Tk), **common)
+    return dq, dk, dv
+
+
+# =============================================================================================
+# torch.library registration (custom ops + fake shapes), autograd, public function
+# =============================================================================================
+
+@torch.library.custom_op("gpt2_fast_triton::attention_fwd", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, bool causal, float dropout_p, "
+                                "float scale, Tensor? seed) -> (Tensor, Tensor)")
+def _attention_fwd_op(q, k, v, causal, dropout_p, scale, seed):
+    return attention_fwd(q, k, v, causal, dropout_p, scale, seed)
+
+
+@_attention_fwd_op.register_fake
+def _attention_fwd_fake(q, k, v, causal, dropout_p, scale, seed):
+    B, H, Tq, D = q.shape
+    o = q.new_empty((B, Tq, H, D)).transpose(1, 2)
+    return o, q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.custom_op("gpt2_fast_triton::attention_bwd", mutates_args=(),
+                         schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
+                                "bool causal, float dropout_p, float scale, Tensor? seed) "
+                                "-> (Tensor, Tensor, Tensor)")
+def _attention_bwd_op(do, q, k, v, o, lse, causal, dropout_p, scale, seed):
+    return attention_bwd(do, q, k, v, o, lse, causal, dropout_p, scale, seed)
+
+
+@_attention_bwd_op.register_fake
+def _attention_bwd_fake(do, q, k, v, o, lse, causal, dropout_p, scale, seed):
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    return (q.new_empty((B, Tq, H, D)).transpose(1, 2), k.new_empty((B, Tk, H, D)).transpose(1, 2),
+            v.new_empty((B, Tk, H, D)).transpose(1, 2))
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, dropout_p, scale, seed):
+        o, lse = torch.ops.gpt2_fast_triton.attention_fwd(q, k, v, causal, dropout_p, scale, seed)
+        ctx.save_for_backward(q, k, v, o, lse, seed)
+        ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, seed = ctx.saved_tensors
+        dq, dk, dv = torch.ops.gpt2_fast_triton.attention_bwd(
+            do, q, k, v, o, lse, ctx.causal, ctx.dropout_p, ctx.scale, seed)
+        return dq, dk, dv, None, None, None, None
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def _check_inputs(q, k, v, dropout_p) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.device.type != "cuda" and not (q.device.type == "cpu" and INTERPRET):
+        raise ValueError(f"attention (triton): expected CUDA tensors, or CPU tensors under "
+                         f"TRITON_INTERPRET=1, got {q.device}")
+    B, H, Tq, D = q.shape
+    if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
+        raise ValueError(f"attention: expected k and v of shape (B, H, Tk, D) = ({B}, {H}, Tk, {D}) "
+                         f"for q {tuple(q.shape)}, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim must be in 1..{MAX_HEAD_DIM}, got {D}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, dropout_p: float = 0.0,
+              scale: Optional[float] = None) -> Tensor:
+    """Flash attention: softmax(q k^T * scale [+ causal mask]) v, differentiable in q, k, v.
+
+    q (B, H, Tq, D), k and v (B, H, Tk, D), any strides; fp16, bf16 or fp32; D <= 256 (tested
+    32..128). causal aligns bottom-right (query i sees key j <= i + Tk - Tq). scale defaults to
+    1/sqrt(D). dropout_p > 0 drops attention probabilities with a fresh Philox seed per call.
+    Returns (B, H, Tq, D) in q's dtype, a view of (B, Tq, H, D) memory.
+    """
+    _check_inputs(q, k, v, dropout_p)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    dropout_p = float(dropout_p)
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2 ** 62, (1,), device=q.device, dtype=torch.int64)
+    return AttentionFunction.apply(q, k, v, bool(causal), dropout_p, scale, seed)
