@@ -72,3 +72,90 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"unknown GPTConfig fields {unknown}; expected some of {sorted(names)}")
         return cls(**d)
+
+
+# Fields of TrainConfig that only steer a run (where it writes, how often it logs): they may
+# differ when a run is resumed. Every other field must match the checkpoint's.
+RUN_CONTROL_FIELDS = ("out_dir", "resume", "device", "compile", "eval_interval", "eval_iters",
+                      "log_interval", "sample_interval", "sample_tokens", "sample_prompt",
+                      "ckpt_interval", "keep_last", "progress", "tensorboard", "plot", "init_from",
+                      "max_steps_this_run")
+
+
+@dataclass
+class TrainConfig:
+    """Everything `gpt2-fast train` needs; a TOML/JSON file and --key=value set these fields."""
+    # model: a preset, with optional shape overrides (None keeps the preset's value)
+    model: str = "gpt2"
+    n_layer: Optional[int] = None
+    n_head: Optional[int] = None
+    n_embd: Optional[int] = None
+    block_size: Optional[int] = None
+    dropout: float = 0.0
+    backend: str = "auto"
+    padded_vocab_size: Optional[int] = None
+    init_from: str = "scratch"          # "scratch", an HF checkpoint directory, or our .pt checkpoint
+    # data
+    data: str = "out/data"              # a `gpt2-fast prepare` folder (or a glob of shards)
+    data_order: str = "random"          # "random" or "sequential"
+    batch_size: int = 8                 # B per process and micro-step
+    seq_len: int = 1024                 # T (<= the model's block_size)
+    grad_accum: int = 1                 # micro-steps per optimizer step
+    # optimization: AdamW, linear warmup then cosine decay to min_lr
+    max_steps: int = 1000
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0              # 0 disables clipping
+    dtype: str = "auto"                 # "auto" (bf16 autocast on CUDA, fp32 on CPU), "float32", "bfloat16"
+    seed: int = 1337
+    fsdp: bool = False                  # FSDP2 fully_shard (under torchrun) instead of DDP
+    # run control (may change on --resume)
+    out_dir: str = "out/train"
+    resume: str = ""                    # "", "auto" (latest in out_dir) or a checkpoint path
+    device: str = ""                    # "" = cuda if available else cpu
+    compile: bool = False
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    sample_interval: int = 0            # 0: no samples during training
+    sample_tokens: int = 64
+    sample_prompt: str = ""
+    ckpt_interval: int = 500
+    keep_last: int = 3
+    max_steps_this_run: int = 0         # stop (with a checkpoint) after this many steps; 0: no limit
+    progress: bool = True
+    tensorboard: bool = True
+    plot: bool = True
+
+    def __post_init__(self):
+        for name in ("batch_size", "seq_len", "grad_accum", "max_steps", "eval_iters", "log_interval",
+                     "keep_last"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {v!r}")
+        for name in ("warmup_steps", "eval_interval", "sample_interval", "ckpt_interval",
+                     "max_steps_this_run", "sample_tokens"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
+        if self.data_order not in ("random", "sequential"):
+            raise ValueError(f"TrainConfig.data_order must be 'random' or 'sequential', got {self.data_order!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"TrainConfig.dtype must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"TrainConfig needs lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"TrainConfig.backend must be one of {BACKENDS}, got {self.backend!r}")
+
+    def model_config(self) -> GPTConfig:
+        """The GPTConfig of a model trained from scratch: the preset plus the overrides."""
+        over = {k: getattr(self, k) for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                              "padded_vocab_size") if getattr(self, k) is not None}
+        return GPTConfig.from_name(self.model, dropout=self.dropout, backend=self.backend, **over)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
