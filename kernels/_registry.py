@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
 
 NAMESPACE = "gpt2_fast_triton"
 
@@ -30,8 +31,14 @@ def triton_op(name: str, mutates_args=()) -> Callable:
 
 
 def launch(kernel):
-    """The launchable form of a @triton.jit kernel inside a triton_op: `launch(k)[grid](...)`."""
-    return wrap_triton(kernel)
+    """The launchable form of a @triton.jit kernel inside a triton_op: `launch(k)[grid](...)`.
+
+    Under TRITON_INTERPRET=1, @triton.jit gives an InterpretedFunction, which wrap_triton cannot
+    trace (and older torch rejects): it is launched as is.
+    """
+    if isinstance(kernel, JITFunction):
+        return wrap_triton(kernel)
+    return kernel
 
 
 def num_programs(device: torch.device, per_sm: int = 4, cpu: int = 4) -> int:

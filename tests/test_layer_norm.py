@@ -1,0 +1,173 @@
+"""kernels/layer_norm.py (layer_norm, add_layer_norm) vs gpt2_fast/reference.py, forward and grads."""
+import os
+
+import pytest
+import torch
+
+from gpt2_fast import poison
+from gpt2_fast.reference import add_layer_norm_ref, layer_norm_ref
+from tolerance import assert_close_to_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (shape of x): one row, odd widths, several rows per program, GPT-2 widths, the widest
+SHAPES = [(1, 1), (1, 8), (7, 257), (3, 7, 33), (129, 64), (2, 768), (2, 1600)]
+
+
+def _skip_unless_triton(device):
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 set before import (no GPU here)")
+
+
+@pytest.fixture
+def ln(device):
+    _skip_unless_triton(device)
+    from gpt2_fast.kernels import layer_norm as mod
+    return mod
+
+
+def _params(C, dtype, device, weight=True, bias=True):
+    w = (1 + 0.5 * torch.randn(C, device=device)).to(dtype).requires_grad_() if weight else None
+    b = (0.5 * torch.randn(C, device=device)).to(dtype).requires_grad_() if bias else None
+    return w, b
+
+
+def _leaves(*ts):
+    return [t for t in ts if t is not None]
+
+
+def _hi(t):
+    return None if t is None else t.detach().double().requires_grad_()
+
+
+def _compare(outs, refs_hi, refs_lo, names):
+    for o, h, lo, n in zip(outs, refs_hi, refs_lo, names):
+        assert_close_to_ref(o, h, lo, n)
+
+
+def test_poison_is_on():
+    assert poison.ENABLED, "tests/conftest.py must set GPT2_FAST_POISON=1 before gpt2_fast is imported"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_norm_fwd_bwd(ln, device, shape, dtype):
+    C = shape[-1]
+    x = (2 * torch.randn(shape, device=device) + 0.5).to(dtype).requires_grad_()
+    w, b = _params(C, dtype, device)
+    y = ln.layer_norm(x, w, b, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    y_lo = layer_norm_ref(x, w, b, 1e-5)
+    xh, wh, bh = _hi(x), _hi(w), _hi(b)
+    y_hi = layer_norm_ref(xh, wh, bh, 1e-5, upcast=True)
+    assert_close_to_ref(y, y_hi, y_lo, "y")
+    dy = torch.randn_like(y)
+    g = torch.autograd.grad(y, [x, w, b], dy)
+    g_lo = torch.autograd.grad(y_lo, [x, w, b], dy)
+    g_hi = torch.autograd.grad(y_hi, [xh, wh, bh], dy.double())
+    _compare(g, g_hi, g_lo, ["dx", "dw", "db"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 8), (7, 257), (2, 5, 768), (129, 64), (1, 1600)])
+def test_add_layer_norm_fwd_bwd(ln, device, shape, dtype):
+    C = shape[-1]
+    x = torch.randn(shape, device=device).to(dtype).requires_grad_()
+    r = (3 * torch.randn(shape, device=device)).to(dtype).requires_grad_()
+    w, b = _params(C, dtype, device)
+    s, y = ln.add_layer_norm(x, r, w, b, 1e-5)
+    s_lo, y_lo = add_layer_norm_ref(x, r, w, b, 1e-5)
+    xh, rh, wh, bh = _hi(x), _hi(r), _hi(w), _hi(b)
+    s_hi, y_hi = add_layer_norm_ref(xh, rh, wh, bh, 1e-5, upcast=True)
+    assert_close_to_ref(s, s_hi, s_lo, "s")
+    if dtype == torch.float32 or device.type == "cuda":  # the interpreter truncates to bf16/fp16
+        assert torch.equal(s, s_lo), "s = x + residual must round exactly as torch's add"
+    assert_close_to_ref(y, y_hi, y_lo, "y")
+    ds, dy = torch.randn_like(s), torch.randn_like(y)
+    g = torch.autograd.grad([s, y], [x, r, w, b], [ds, dy])
+    g_lo = torch.autograd.grad([s_lo, y_lo], [x, r, w, b], [ds, dy])
+    g_hi = torch.autograd.grad([s_hi, y_hi], [xh, rh, wh, bh], [ds.double(), dy.double()])
+    _compare(g, g_hi, g_lo, ["dx", "dresidual", "dw", "db"])
+
+
+@pytest.mark.parametrize("weight,bias", [(False, False), (True, False), (False, True)])
+def test_optional_weight_bias(ln, device, weight, bias):
+    x = torch.randn(5, 96, device=device, requires_grad=True)
+    r = torch.randn(5, 96, device=device, requires_grad=True)
+    w, b = _params(96, torch.float32, device, weight, bias)
+    s, y = ln.add_layer_norm(x, r, w, b, 1e-5)
+    s_lo, y_lo = add_layer_norm_ref(x, r, w, b, 1e-5)
+    leaves = _leaves(x, r, w, b)
+    hi = [_hi(t) for t in (x, r, w, b)]
+    s_hi, y_hi = add_layer_norm_ref(*hi, 1e-5, upcast=True)
+    assert_close_to_ref(y, y_hi, y_lo, "y")
+    dy = torch.randn_like(y)
+    g = torch.autograd.grad((y * dy).sum() + s.sum(), leaves)
+    g_lo = torch.autograd.grad((y_lo * dy).sum() + s_lo.sum(), leaves)
+    g_hi = torch.autograd.grad((y_hi * dy.double()).sum() + s_hi.sum(), _leaves(*hi))
+    _compare(g, g_hi, g_lo, [f"grad{i}" for i in range(len(g))])
+
+
+def test_fp32_params_with_bf16_activations(ln, device):
+    x = torch.randn(9, 200, device=device).to(torch.bfloat16).requires_grad_()
+    w, b = _params(200, torch.float32, device)
+    y = ln.layer_norm(x, w, b, 1e-5)
+    y_lo = layer_norm_ref(x, w, b, 1e-5)
+    y_hi = layer_norm_ref(_hi(x), _hi(w), _hi(b), 1e-5, upcast=True)
+    assert y.dtype == torch.bfloat16
+    assert_close_to_ref(y, y_hi, y_lo, "y")
+    gw, gb = torch.autograd.grad(y.float().sum(), [w, b])
+    assert gw.dtype == torch.float32 and gb.dtype == torch.float32
+
+
+def test_widest_row(ln, device):
+    x = torch.randn(2, 8192, device=device, requires_grad=True)
+    w, b = _params(8192, torch.float32, device)
+    y = ln.layer_norm(x, w, b, 1e-5)
+    y_hi = layer_norm_ref(_hi(x), _hi(w), _hi(b), 1e-5, upcast=True)
+    assert_close_to_ref(y, y_hi, layer_norm_ref(x, w, b, 1e-5), "y")
+    dx = torch.autograd.grad(y.sum(), x)[0]
+    assert not torch.isnan(dx).any()
+
+
+def test_non_contiguous_input(ln, device):
+    base = torch.randn(6, 2 * 48, device=device)
+    x = base[:, ::2]  # column stride 2: copied before the launch
+    w, b = _params(48, torch.float32, device)
+    y = ln.layer_norm(x, w, b, 1e-5)
+    assert_close_to_ref(y, layer_norm_ref(x.double(), w.double(), b.double(), 1e-5, upcast=True),
+                        layer_norm_ref(x, w, b, 1e-5), "y")
+
+
+def test_bad_inputs(ln, device):
+    x = torch.randn(3, 16, device=device)
+    w, b = _params(16, torch.float32, device)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        ln.layer_norm(x.long(), w, b)
+    with pytest.raises(ValueError, match=r"weight must have shape \(16,\)"):
+        ln.layer_norm(x, w[:8], b)
+    with pytest.raises(ValueError, match="width must be in"):
+        ln.layer_norm(torch.randn(1, 8193, device=device), None, None)
+    with pytest.raises(ValueError, match="residual must match"):
+        ln.add_layer_norm(x, x[:2], w, b)
+    with pytest.raises(ValueError, match="non-negative"):
+        ln.layer_norm(x, w, b, -1.0)
+
+
+def test_registered_ops(ln, device):
+    assert hasattr(torch.ops.gpt2_fast_triton, "layer_norm_fwd")
+    x = torch.randn(4, 32, device=device)
+    y, s, mean, rstd = torch.ops.gpt2_fast_triton.layer_norm_fwd(x, None, None, None, 1e-5)
+    torch.testing.assert_close(mean, x.mean(-1))
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (32,)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of Triton ops needs CUDA "
+                    "(the interpreter cannot run on fake tensors)")
+def test_torch_compile_traces(ln):
+    x = torch.randn(64, 768, device="cuda", requires_grad=True)
+    r = torch.randn(64, 768, device="cuda")
+    w, b = _params(768, torch.float32, torch.device("cuda"))
+    f = torch.compile(lambda x, r: ln.add_layer_norm(x, r, w, b, 1e-5)[1].sum(), fullgraph=True)
+    out = f(x, r)
+    torch.testing.assert_close(out, add_layer_norm_ref(x, r, w, b, 1e-5)[1].sum(), atol=1e-3, rtol=1e-4)
+    out.backward()
