@@ -6,11 +6,21 @@ import torch
 
 from gpt2_fast import poison
 from gpt2_fast.reference import add_layer_norm_ref, layer_norm_ref
-from tolerance import assert_close_to_ref
+from tolerance import ATOL, assert_close_to_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (shape of x): one row, odd widths, several rows per program, GPT-2 widths, the widest
 SHAPES = [(1, 1), (1, 8), (7, 257), (3, 7, 33), (129, 64), (2, 768), (2, 1600)]
+
+def assert_close(out, ref_hi, ref_lo, name):
+    """tolerance.assert_close_to_ref; under the Triton interpreter bf16 stores truncate instead of
+    rounding to nearest (triton/runtime/interpreter.py create_fp_trunc), so there the atol also
+    allows one bf16 ulp of the largest reference value. GPUs round: strict there."""
+    atol = None
+    if out.dtype == torch.bfloat16 and out.device.type == "cpu" and out.numel():
+        atol = ATOL[torch.bfloat16] + ref_hi.abs().max().item() * 2.0 ** -7
+    assert_close_to_ref(out, ref_hi, ref_lo, name, atol=atol)
+
 
 
 def _skip_unless_triton(device):
@@ -41,7 +51,7 @@ def _hi(t):
 
 def _compare(outs, refs_hi, refs_lo, names):
     for o, h, lo, n in zip(outs, refs_hi, refs_lo, names):
-        assert_close_to_ref(o, h, lo, n)
+        assert_close(o, h, lo, n)
 
 
 def test_poison_is_on():
@@ -59,7 +69,7 @@ def test_layer_norm_fwd_bwd(ln, device, shape, dtype):
     y_lo = layer_norm_ref(x, w, b, 1e-5)
     xh, wh, bh = _hi(x), _hi(w), _hi(b)
     y_hi = layer_norm_ref(xh, wh, bh, 1e-5, upcast=True)
-    assert_close_to_ref(y, y_hi, y_lo, "y")
+    assert_close(y, y_hi, y_lo, "y")
     dy = torch.randn_like(y)
     g = torch.autograd.grad(y, [x, w, b], dy)
     g_lo = torch.autograd.grad(y_lo, [x, w, b], dy)
@@ -78,10 +88,10 @@ def test_add_layer_norm_fwd_bwd(ln, device, shape, dtype):
     s_lo, y_lo = add_layer_norm_ref(x, r, w, b, 1e-5)
     xh, rh, wh, bh = _hi(x), _hi(r), _hi(w), _hi(b)
     s_hi, y_hi = add_layer_norm_ref(xh, rh, wh, bh, 1e-5, upcast=True)
-    assert_close_to_ref(s, s_hi, s_lo, "s")
+    assert_close(s, s_hi, s_lo, "s")
     if dtype == torch.float32 or device.type == "cuda":  # the interpreter truncates to bf16/fp16
         assert torch.equal(s, s_lo), "s = x + residual must round exactly as torch's add"
-    assert_close_to_ref(y, y_hi, y_lo, "y")
+    assert_close(y, y_hi, y_lo, "y")
     ds, dy = torch.randn_like(s), torch.randn_like(y)
     g = torch.autograd.grad([s, y], [x, r, w, b], [ds, dy])
     g_lo = torch.autograd.grad([s_lo, y_lo], [x, r, w, b], [ds, dy])
@@ -99,7 +109,7 @@ def test_optional_weight_bias(ln, device, weight, bias):
     leaves = _leaves(x, r, w, b)
     hi = [_hi(t) for t in (x, r, w, b)]
     s_hi, y_hi = add_layer_norm_ref(*hi, 1e-5, upcast=True)
-    assert_close_to_ref(y, y_hi, y_lo, "y")
+    assert_close(y, y_hi, y_lo, "y")
     dy = torch.randn_like(y)
     g = torch.autograd.grad((y * dy).sum() + s.sum(), leaves)
     g_lo = torch.autograd.grad((y_lo * dy).sum() + s_lo.sum(), leaves)
@@ -114,7 +124,7 @@ def test_fp32_params_with_bf16_activations(ln, device):
     y_lo = layer_norm_ref(x, w, b, 1e-5)
     y_hi = layer_norm_ref(_hi(x), _hi(w), _hi(b), 1e-5, upcast=True)
     assert y.dtype == torch.bfloat16
-    assert_close_to_ref(y, y_hi, y_lo, "y")
+    assert_close(y, y_hi, y_lo, "y")
     gw, gb = torch.autograd.grad(y.float().sum(), [w, b])
     assert gw.dtype == torch.float32 and gb.dtype == torch.float32
 
@@ -124,7 +134,7 @@ def test_widest_row(ln, device):
     w, b = _params(8192, torch.float32, device)
     y = ln.layer_norm(x, w, b, 1e-5)
     y_hi = layer_norm_ref(_hi(x), _hi(w), _hi(b), 1e-5, upcast=True)
-    assert_close_to_ref(y, y_hi, layer_norm_ref(x, w, b, 1e-5), "y")
+    assert_close(y, y_hi, layer_norm_ref(x, w, b, 1e-5), "y")
     dx = torch.autograd.grad(y.sum(), x)[0]
     assert not torch.isnan(dx).any()
 
@@ -134,7 +144,7 @@ def test_non_contiguous_input(ln, device):
     x = base[:, ::2]  # column stride 2: copied before the launch
     w, b = _params(48, torch.float32, device)
     y = ln.layer_norm(x, w, b, 1e-5)
-    assert_close_to_ref(y, layer_norm_ref(x.double(), w.double(), b.double(), 1e-5, upcast=True),
+    assert_close(y, layer_norm_ref(x.double(), w.double(), b.double(), 1e-5, upcast=True),
                         layer_norm_ref(x, w, b, 1e-5), "y")
 
 
