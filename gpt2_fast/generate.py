@@ -2,13 +2,14 @@
 
 Prompts of different lengths are left-padded; `kv_start` tells attention which cache slots are
 padding and makes each row's positions count from its first real token, so a row generates
-exactly what it would alone. Sampling (greedy, temperature, top-k, top-p) runs on the model's
-device with a seeded generator and no host sync beyond reading the sampled ids.
+exactly what it would alone. The loop itself is gpt2_fast/engine.py (static step buffers, one
+CUDA graph per decode step on GPU); sampling (greedy, temperature, top-k, top-p) runs there on the
+model's device, seeded, with no host sync beyond reading the sampled ids. `sample_logits` here is
+the plain-PyTorch sampler with a torch.Generator, for callers that hold their own logits.
 """
 from __future__ import annotations
 
 import codecs
-import time
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence, Union
 
@@ -102,57 +103,18 @@ def left_pad(prompt_ids: list[list[int]], device) -> tuple[Tensor, Tensor]:
     return idx.to(device), kv_start.to(device)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
 def generate_ids(model, prompt_ids: list[list[int]], max_new_tokens: int = 50,
                  temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
                  seed: Optional[int] = None, stop_at_eot: bool = True,
                  timings: Optional[dict] = None) -> Iterator[Tensor]:
     """Yield the (B,) ids sampled at each step (rows that have finished keep yielding EOT).
 
-    Stops after max_new_tokens steps, or when every row has produced <|endoftext|>.
+    Stops after max_new_tokens steps, or when every row has produced <|endoftext|>. Runs on the
+    model's decode engine (gpt2_fast/engine.py: static buffers, one CUDA graph per step on GPU).
     """
-    cfg = model.config
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    T = max(len(p) for p in prompt_ids)
-    if T + max_new_tokens > cfg.block_size:
-        raise ValueError(f"prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
-                         f"block_size {cfg.block_size}; shorten the prompt or ask for fewer tokens")
-    if max_new_tokens == 0:
-        return
-    device = model.transformer.wte.weight.device
-    B = len(prompt_ids)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed() % 2**63)
-    model.setup_cache(B, T + max_new_tokens)
-    idx, kv_start = left_pad(prompt_ids, device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    t0 = time.perf_counter()
-    logits, _ = model(idx, input_pos=torch.arange(T, device=device), kv_start=kv_start, only_last=True)
-    for step in range(max_new_tokens):
-        nxt = sample_logits(logits[:, -1], temperature, top_k, top_p, generator)
-        nxt = torch.where(done, torch.full_like(nxt, EOT_TOKEN), nxt)
-        if step == 0 and timings is not None:
-            _sync(device)
-            timings["ttft_s"] = time.perf_counter() - t0
-            t1 = time.perf_counter()
-        yield nxt
-        if stop_at_eot:
-            done |= nxt == EOT_TOKEN
-            if bool(done.all()):
-                break
-        if step + 1 < max_new_tokens:
-            pos = torch.tensor([T + step], device=device)
-            logits, _ = model(nxt[:, None], input_pos=pos, kv_start=kv_start, only_last=True)
-    if timings is not None:
-        _sync(device)
-        timings["decode_s"] = time.perf_counter() - t1
-        timings["decode_steps"] = step
+    from .engine import get_engine
+    return get_engine(model).generate_ids(prompt_ids, max_new_tokens, temperature, top_k, top_p,
+                                          seed, stop_at_eot, timings)
 
 
 def generate(model, prompts, tokenizer: Optional[Tokenizer] = None, max_new_tokens: int = 50,

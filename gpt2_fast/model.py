@@ -57,7 +57,8 @@ class CausalSelfAttention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: Tensor, input_pos: Optional[Tensor] = None,
-                kv_start: Optional[Tensor] = None) -> Tensor:
+                kv_start: Optional[Tensor] = None, live: Optional[int] = None,
+                fresh: bool = False) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -68,10 +69,21 @@ class CausalSelfAttention(nn.Module):
             y = ops.attention(q, k, v, causal=True, dropout_p=p, backend=self.backend)
         else:
             k_cache, v_cache = self.kv_cache.update(input_pos, k, v)      # (B, nh, S, hs)
-            kv_len = (input_pos[-1:] + 1).to(torch.int32).expand(B)      # (B,)
-            y = ops.decode_attention(q, k_cache, v_cache, kv_len, kv_start, backend=self.backend)
+            if fresh:  # prefill of an empty, unpadded cache: plain causal attention over the prompt
+                y = ops.attention(q, k, v, causal=True, backend=self.backend)
+            else:
+                if live is not None:  # the host knows the live length: never touch slots past it
+                    k_cache, v_cache = k_cache[:, :, :live], v_cache[:, :, :live]
+                kv_len = (input_pos[-1:] + 1).to(torch.int32).expand(B)  # (B,)
+                y = ops.decode_attention(q, k_cache, v_cache, kv_len, kv_start, backend=self.backend)
         y = y.transpose(1, 2).reshape(B, T, C)                           # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def matmul_no_bias(linear: nn.Module, x: Tensor) -> Tensor:
+    """x @ W^T of an nn.Linear (or a quantized twin with a `matmul` method), bias left out."""
+    matmul = getattr(linear, "matmul", None)
+    return matmul(x) if matmul is not None else F.linear(x, linear.weight)
 
 
 class MLP(nn.Module):
@@ -83,7 +95,7 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = ops.bias_gelu(F.linear(x, self.c_fc.weight), self.c_fc.bias, backend=self.backend)
+        h = ops.bias_gelu(matmul_no_bias(self.c_fc, x), self.c_fc.bias, backend=self.backend)
         return self.dropout(self.c_proj(h))
 
 
@@ -97,9 +109,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, input_pos: Optional[Tensor] = None,
-                kv_start: Optional[Tensor] = None) -> Tensor:
+                kv_start: Optional[Tensor] = None, live: Optional[int] = None,
+                fresh: bool = False) -> Tensor:
         h = ops.layer_norm(x, self.ln_1.weight, self.ln_1.bias, self.eps, backend=self.backend)
-        a = self.attn(h, input_pos, kv_start)
+        a = self.attn(h, input_pos, kv_start, live, fresh)
         # x = x + attn(ln_1(x)); h = ln_2(x), with the residual add fused into the LayerNorm
         x, h = ops.add_layer_norm(x, a, self.ln_2.weight, self.ln_2.bias, self.eps, backend=self.backend)
         return x + self.mlp(h)
@@ -237,19 +250,7 @@ class GPT(nn.Module):
         """
         self._check_inputs(idx, targets, input_pos, kv_start)
         B, T = idx.shape
-        if input_pos is None:
-            pos = torch.arange(T, device=idx.device)                    # (T,)
-        else:
-            pos = input_pos
-        if kv_start is not None:
-            pos = (pos[None, :] - kv_start[:, None]).clamp_min(0)        # (B, T)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)       # (B, T, C)
-        x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            x = block(x, input_pos, kv_start)
-        ln_f = self.transformer.ln_f
-        x = ops.layer_norm(x, ln_f.weight, ln_f.bias, self.config.layer_norm_epsilon,
-                           backend=self.config.backend)
+        x = self._hidden(idx, input_pos, kv_start)                      # (B, T, C)
         V = self.config.vocab_size
         if targets is not None and not return_logits:
             loss = ops.lm_head_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
@@ -263,3 +264,35 @@ class GPT(nn.Module):
             loss = ops.softmax_cross_entropy(logits.reshape(-1, V), targets.reshape(-1), -100,
                                              backend=self.config.backend)
         return logits, loss
+
+    def forward_cached(self, idx: Tensor, input_pos: Tensor, kv_start: Optional[Tensor] = None,
+                       live: Optional[int] = None, fresh: bool = False,
+                       only_last: bool = True) -> Tensor:
+        """Cached forward without value checks (no host sync): logits (B, 1 or T, vocab_size).
+
+        The caller guarantees what forward() would check: ids in range, input_pos (T,) contiguous
+        slots inside the cache, B <= max_batch_size. live: attend over cache slots [0, live) only
+        (>= input_pos[-1] + 1); fresh: input_pos is arange(T) and kv_start is None.
+        """
+        x = self._hidden(idx, input_pos, kv_start, live, fresh)
+        if only_last:
+            x = x[:, -1:, :]
+        return self.lm_head(x)[..., :self.config.vocab_size]
+
+    def _hidden(self, idx: Tensor, input_pos: Optional[Tensor], kv_start: Optional[Tensor],
+                live: Optional[int] = None, fresh: bool = False) -> Tensor:
+        """Embeddings, the blocks and the final LayerNorm: (B, T) ids -> (B, T, C)."""
+        T = idx.shape[1]
+        if input_pos is None:
+            pos = torch.arange(T, device=idx.device)                    # (T,)
+        else:
+            pos = input_pos
+        if kv_start is not None:
+            pos = (pos[None, :] - kv_start[:, None]).clamp_min(0)        # (B, T)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)       # (B, T, C)
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            x = block(x, input_pos, kv_start, live, fresh)
+        ln_f = self.transformer.ln_f
+        return ops.layer_norm(x, ln_f.weight, ln_f.bias, self.config.layer_norm_epsilon,
+                              backend=self.config.backend)
