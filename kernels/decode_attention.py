@@ -55,6 +55,50 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # =============================================================================================
 
 @triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr):
+    """tl.dot with fp32 accumulation. DOT_PREC is "ieee" (fp32 inputs), "tf32" (16-bit inputs:
+    unused) or "bf16_interp": bf16 under TRITON_INTERPRET=1, where the operands are widened to
+    fp32 first (exactly), because the Triton 3.9 interpreter's dot multiplies bf16 tiles as their
+    raw uint16 bits."""
+    if DOT_PREC == "bf16_interp":
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=DOT_PREC)
+    return c
+
+
+@triton.jit
+def _round_bf16_interp(x):
+    """Round fp32 x to the nearest bf16 value (ties to even), still as fp32. Only for the
+    interpreter, whose fp32 -> bf16 cast truncates where the GPU rounds to nearest."""
+    if x.dtype == tl.float32:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _cast_like(x, like, DOT_PREC: tl.constexpr):
+    """x.to(like.dtype), rounding to nearest under the interpreter too (see _round_bf16_interp)."""
+    if DOT_PREC == "bf16_interp":
+        y = _round_bf16_interp(x).to(like.dtype)
+    else:
+        y = x.to(like.dtype)
+    return y
+
+
+@triton.jit
+def _cast_ptr(x, P, DOT_PREC: tl.constexpr):
+    """x.to(P's element type) for a store, rounding to nearest (see _cast_like)."""
+    if DOT_PREC == "bf16_interp":
+        y = _round_bf16_interp(x).to(P.dtype.element_ty)
+    else:
+        y = x.to(P.dtype.element_ty)
+    return y
+
+
+@triton.jit
 def _decode_attention_fwd_kernel(Q, K, V, KvLen, KvStart, O, OPart, LsePart,
                                  stride_qb, stride_qh, stride_qm, stride_qd,
                                  stride_kb, stride_kh, stride_kn, stride_kd,
@@ -95,7 +139,7 @@ def _decode_attention_fwd_kernel(Q, K, V, KvLen, KvStart, O, OPart, LsePart,
     else:
         q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D), other=0.0)
-    q = q.to(K.dtype.element_ty)                                                      # (M, Dp)
+    q = _cast_ptr(q, K, DOT_PREC)                                                      # (M, Dp)
     qk_scale = sm_scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -110,7 +154,7 @@ def _decode_attention_fwd_kernel(Q, K, V, KvLen, KvStart, O, OPart, LsePart,
             kv_mask = (offs_n[:, None] < hi) & (offs_d[None, :] < D)
         k = tl.load(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                     mask=kv_mask, other=0.0)                                          # (N, Dp)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale              # (M, N)
+        s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale              # (M, N)
         keep = (offs_n[None, :] < hi) & (offs_n[None, :] <= horizon + offs_m[:, None])
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -120,7 +164,7 @@ def _decode_attention_fwd_kernel(Q, K, V, KvLen, KvStart, O, OPart, LsePart,
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=kv_mask, other=0.0)                                          # (N, Dp)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + _dot(_cast_like(p, v, DOT_PREC), v, DOT_PREC)
         m_i = m_new
 
     seen = l_i > 0.0
@@ -128,7 +172,7 @@ def _decode_attention_fwd_kernel(Q, K, V, KvLen, KvStart, O, OPart, LsePart,
     if SINGLE_SPLIT:
         tl.store(O + off_b * stride_ob + off_h * stride_oh
                  + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                 o.to(O.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D))
+                 _cast_ptr(o, O, DOT_PREC), mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D))
     else:
         row = (pid_bh * num_splits + pid_s) * Tq + offs_m                             # (M,)
         tl.store(OPart + row[:, None] * D + offs_d[None, :], o,
@@ -141,7 +185,7 @@ def _decode_attention_fwd_kernel(Q, K, V, KvLen, KvStart, O, OPart, LsePart,
 def _decode_attention_reduce_kernel(OPart, LsePart, O,
                                     stride_ob, stride_oh, stride_om, stride_od,
                                     H, Tq, D, num_splits,
-                                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                                    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):
     """One program per (b, h, query): combine the splits' partial outputs by their lse."""
     pid = tl.program_id(0).to(tl.int64)
     bh = pid // Tq
@@ -161,7 +205,7 @@ def _decode_attention_reduce_kernel(OPart, LsePart, O,
     den = tl.sum(w, 0)
     o = tl.sum(w[:, None] * part, 0) / tl.where(den > 0.0, den, 1.0)
     tl.store(O + off_b * stride_ob + off_h * stride_oh + m * stride_om + offs_d * stride_od,
-             o.to(O.dtype.element_ty), mask=offs_d < D)
+             _cast_ptr(o, O, DOT_PREC), mask=offs_d < D)
 
 
 # =============================================================================================
@@ -216,6 +260,8 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_len: Te
     has_start = kv_start is not None
     start = kv_start if has_start else kv_len
     dot_prec = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+    if k_cache.dtype == torch.bfloat16 and INTERPRET:
+        dot_prec = "bf16_interp"  # see _dot
     with (torch.cuda.device(q.device) if q.is_cuda else _NullCtx()):
         _decode_attention_fwd_kernel[(triton.cdiv(Tq, BLOCK_M), B * H, num_splits)](
             q, k_cache, v_cache, kv_len, start, o, o_part, lse_part,
@@ -227,7 +273,8 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_len: Te
         if not single:
             _decode_attention_reduce_kernel[(B * H * Tq,)](
                 o_part, lse_part, o, *o.stride(), H, Tq, D, num_splits,
-                BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D, num_warps=1 if D <= 64 else 2)
+                BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D, DOT_PREC=dot_prec,
+                num_warps=1 if D <= 64 else 2)
     return o
 
 

@@ -63,6 +63,50 @@ LN2 = 0.6931471805599453
 # =============================================================================================
 
 @triton.jit
+def _dot(a, b, DOT_PREC: tl.constexpr):
+    """tl.dot with fp32 accumulation. DOT_PREC is "ieee" (fp32 inputs), "tf32" (16-bit inputs:
+    unused) or "bf16_interp": bf16 under TRITON_INTERPRET=1, where the operands are widened to
+    fp32 first (exactly), because the Triton 3.9 interpreter's dot multiplies bf16 tiles as their
+    raw uint16 bits."""
+    if DOT_PREC == "bf16_interp":
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=DOT_PREC)
+    return c
+
+
+@triton.jit
+def _round_bf16_interp(x):
+    """Round fp32 x to the nearest bf16 value (ties to even), still as fp32. Only for the
+    interpreter, whose fp32 -> bf16 cast truncates where the GPU rounds to nearest."""
+    if x.dtype == tl.float32:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _cast_like(x, like, DOT_PREC: tl.constexpr):
+    """x.to(like.dtype), rounding to nearest under the interpreter too (see _round_bf16_interp)."""
+    if DOT_PREC == "bf16_interp":
+        y = _round_bf16_interp(x).to(like.dtype)
+    else:
+        y = x.to(like.dtype)
+    return y
+
+
+@triton.jit
+def _cast_ptr(x, P, DOT_PREC: tl.constexpr):
+    """x.to(P's element type) for a store, rounding to nearest (see _cast_like)."""
+    if DOT_PREC == "bf16_interp":
+        y = _round_bf16_interp(x).to(P.dtype.element_ty)
+    else:
+        y = x.to(P.dtype.element_ty)
+    return y
+
+
+@triton.jit
 def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
     """Load a (len(rows), len(cols)) tile, zero outside rows < n_rows / cols < n_cols."""
     if CHECK_ROWS:
@@ -89,7 +133,7 @@ def _attention_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn
         offs_n = start_n + offs_n0
         k = _load_tile(K + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                        offs_n, Tk, offs_d, D, MASKED, not EVEN_D)                  # (N, Dp)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale          # (M, N) log2 units
+        s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale          # (M, N) log2 units
         if MASKED:
             keep = offs_n[None, :] < Tk
             if IS_CAUSAL:
@@ -106,7 +150,7 @@ def _attention_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn
             p = tl.where(tl.rand(seed, rng) >= dropout_p, p, 0.0)
         v = _load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                        offs_n, Tk, offs_d, D, MASKED, not EVEN_D)                  # (N, Dp)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + _dot(_cast_like(p, v, DOT_PREC), v, DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -168,7 +212,7 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, Seed,
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     if HAS_DROPOUT:
         o = o * (1.0 / (1.0 - dropout_p))
-    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o.to(O.dtype.element_ty),
+    tl.store(O + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, _cast_ptr(o, O, DOT_PREC),
              mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D))
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
@@ -215,11 +259,11 @@ def _attention_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta,
         lse = tl.load(LSE + offs_m, mask=offs_m < Tq, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(Delta + offs_m, mask=offs_m < Tq, other=0.0)
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale             # (N, M)
+        sT = _dot(k, tl.trans(q), DOT_PREC) * qk_scale             # (N, M)
         if MASKED:
             sT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, sT, float("-inf"))
         pT = tl.math.exp2(sT - lse[None, :])
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)                       # (N, M)
+        dpT = _dot(v, tl.trans(do), DOT_PREC)                       # (N, M)
         if HAS_DROPOUT:
             rng = drop_base + offs_m[None, :].to(tl.int64) * Tk + offs_n[:, None]
             kept = tl.rand(seed, rng) >= dropout_p
@@ -227,9 +271,9 @@ def _attention_bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta,
             dpT = tl.where(kept, dpT * rp_scale, 0.0)
         else:
             pdT = pT
-        dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PREC)
+        dv += _dot(_cast_like(pdT, do, DOT_PREC), do, DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+        dk += _dot(_cast_like(dsT, q, DOT_PREC), q, DOT_PREC)
     return dk, dv
 
 
@@ -296,9 +340,9 @@ def _attention_bwd_dkdv_kernel(Q, K, V, DO, LSE, Delta, DK, DV, Seed,
     dk = dk * sm_scale
     mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < D)
     tl.store(DK + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(DK.dtype.element_ty), mask=mask)
+             _cast_ptr(dk, DK, DOT_PREC), mask=mask)
     tl.store(DV + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=mask)
+             _cast_ptr(dv, DV, DOT_PREC), mask=mask)
 
 
 @triton.jit
@@ -314,19 +358,19 @@ def _attention_bwd_dq_inner(dq, q, do, lse, delta, K, V, stride_kn, stride_kd, s
                        offs_n, Tk, offs_d, D, MASKED, not EVEN_D)                           # (N, Dp)
         v = _load_tile(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                        offs_n, Tk, offs_d, D, MASKED, not EVEN_D)                           # (N, Dp)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale              # (M, N)
+        s = _dot(q, tl.trans(k), DOT_PREC) * qk_scale              # (M, N)
         if MASKED:
             keep = offs_n[None, :] < Tk
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             s = tl.where(keep, s, float("-inf"))
         p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)                        # (M, N)
+        dp = _dot(do, tl.trans(v), DOT_PREC)                        # (M, N)
         if HAS_DROPOUT:
             rng = drop_base + offs_m[:, None].to(tl.int64) * Tk + offs_n[None, :]
             dp = tl.where(tl.rand(seed, rng) >= dropout_p, dp * rp_scale, 0.0)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        dq += _dot(_cast_like(ds, k, DOT_PREC), k, DOT_PREC)
     return dq
 
 
@@ -389,7 +433,7 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Seed,
                                  True, IS_CAUSAL, HAS_DROPOUT, EVEN_D, BLOCK_N, DOT_PREC)
     dq = dq * sm_scale
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(DQ.dtype.element_ty), mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D))
+             _cast_ptr(dq, DQ, DOT_PREC), mask=(offs_m[:, None] < Tq) & (offs_d[None, :] < D))
 
 
 # =============================================================================================
@@ -435,7 +479,10 @@ def _bucket(T: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact fp32 products (TF32 would miss the fp32 tolerance); 16-bit: ignored.
+    """fp32 inputs: exact fp32 products (TF32 would miss the fp32 tolerance); 16-bit: unused,
+    except bf16 in the interpreter (see _dot)."""
+    if dtype == torch.bfloat16 and INTERPRET:
+        return "bf16_interp"
     return "ieee" if dtype == torch.float32 else "tf32"
 
 

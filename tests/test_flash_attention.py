@@ -1,0 +1,223 @@
+"""kernels/flash_attention.py (attention) vs reference.attention_ref: forward, dq, dk, dv, dropout.
+
+Shapes stay small on CPU (Triton interpreter): the interpreter config uses BLOCK_M=64,
+BLOCK_N=32 (forward, dq) and 32/64 (dk, dv), so T = 17 is one partial block and T = 129 spans
+several blocks with a one-element tail on both axes; T = 1023 runs unmarked on CUDA only.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from gpt2_fast import poison
+from gpt2_fast.reference import attention_ref
+from tolerance import assert_close_to_ref
+
+ON_CUDA = torch.cuda.is_available()
+SLOW_ON_CPU = [] if ON_CUDA else [pytest.mark.slow]
+
+
+def _skip_unless_triton(device):
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 set before import (no GPU here)")
+
+
+@pytest.fixture
+def fa(device):
+    _skip_unless_triton(device)
+    from gpt2_fast.kernels import flash_attention as mod
+    return mod
+
+
+def _qkv(B, H, Tq, Tk, D, dtype, device):
+    q = torch.randn(B, H, Tq, D, device=device).to(dtype).requires_grad_()
+    k = torch.randn(B, H, Tk, D, device=device).to(dtype).requires_grad_()
+    v = torch.randn(B, H, Tk, D, device=device).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def _check(fa, q, k, v, causal, scale=None, do=None):
+    """Output and the three gradients against the fp64 reference, next to torch in q's dtype."""
+    o = fa.attention(q, k, v, causal=causal, scale=scale)
+    assert o.shape == q.shape and o.dtype == q.dtype
+    do = torch.randn_like(o) if do is None else do
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    o_lo = attention_ref(q, k, v, causal=causal, scale=scale)
+    g_lo = torch.autograd.grad(o_lo, (q, k, v), do)
+    hi = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o_hi = attention_ref(*hi, causal=causal, scale=scale, upcast=True)
+    g_hi = torch.autograd.grad(o_hi, hi, do.double())
+    assert_close_to_ref(o, o_hi, o_lo, "o")
+    for name, g, gh, gl in zip(("dq", "dk", "dv"), grads, g_hi, g_lo):
+        assert_close_to_ref(g, gh, gl, name)
+
+
+def test_poison_is_on():
+    assert poison.ENABLED, "tests/conftest.py must set GPT2_FAST_POISON=1 before gpt2_fast is imported"
+
+
+# (B, H, T): one query, one partial block, several blocks with ragged tails
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("B,H,T", [(2, 2, 1), (2, 2, 17), (1, 1, 129)])
+def test_attention_fp32_lengths(fa, device, B, H, T, causal):
+    _check(fa, *_qkv(B, H, T, T, 64, torch.float32, device), causal)
+
+
+@pytest.mark.parametrize("D", [32, 80, 128])
+def test_attention_head_dims(fa, device, D):
+    # D = 80 pads to 128 with masked loads
+    _check(fa, *_qkv(1, 2, 33, 33, D, torch.float32, device), True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal,H,T", [(True, 2, 17), (True, 1, 129), (False, 2, 40)])
+def test_attention_low_precision(fa, device, dtype, causal, H, T):
+    _check(fa, *_qkv(1, H, T, T, 64, dtype, device), causal)
+
+
+@pytest.mark.parametrize("causal,Tq,Tk", [(False, 5, 70), (False, 70, 5), (True, 5, 70), (True, 40, 97)])
+def test_attention_tq_ne_tk(fa, device, causal, Tq, Tk):
+    # causal with Tq < Tk is aligned bottom-right: the last query sees every key
+    _check(fa, *_qkv(1, 2, Tq, Tk, 64, torch.float32, device), causal)
+
+
+def test_attention_causal_query_without_keys(fa, device):
+    # causal, Tq > Tk: the first Tq - Tk queries see nothing; we return zeros (the reference NaN)
+    q, k, v = _qkv(1, 1, 9, 4, 32, torch.float32, device)
+    o = fa.attention(q, k, v, causal=True)
+    assert torch.equal(o[:, :, :5], torch.zeros_like(o[:, :, :5]))
+    ref = attention_ref(q, k, v, causal=True)
+    torch.testing.assert_close(o[:, :, 5:], ref[:, :, 5:], rtol=1e-5, atol=1e-5)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
+    for g in (dq, dk, dv):
+        assert torch.isfinite(g).all()
+    assert torch.equal(dq[:, :, :5], torch.zeros_like(dq[:, :, :5]))
+
+
+def test_attention_custom_scale(fa, device):
+    _check(fa, *_qkv(1, 1, 17, 17, 64, torch.float32, device), True, scale=0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_strided_views(fa, device, dtype):
+    """q, k, v as the model makes them: transposed views of one (B, T, 3C) c_attn output."""
+    B, T, H, D = 2, 33, 2, 32
+    qkv = torch.randn(B, T, 3 * H * D, device=device).to(dtype).requires_grad_()
+    q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in qkv.split(H * D, dim=2))
+    assert not q.is_contiguous()
+    do = torch.randn(B, H, D, T, device=device).to(dtype).transpose(2, 3)  # a strided dO too
+    o = fa.attention(q, k, v, causal=True)
+    assert o.transpose(1, 2).is_contiguous(), "o should be a (B, H, T, D) view of (B, T, H, D) memory"
+    (g,) = torch.autograd.grad(o, qkv, do)
+    o_lo = attention_ref(q, k, v, causal=True)
+    (g_lo,) = torch.autograd.grad(o_lo, qkv, do)
+    qkv_hi = qkv.detach().double().requires_grad_()
+    qh, kh, vh = (t.view(B, T, H, D).transpose(1, 2) for t in qkv_hi.split(H * D, dim=2))
+    o_hi = attention_ref(qh, kh, vh, causal=True, upcast=True)
+    (g_hi,) = torch.autograd.grad(o_hi, qkv_hi, do.double())
+    assert_close_to_ref(o, o_hi, o_lo, "o")
+    assert_close_to_ref(g, g_hi, g_lo, "dqkv")
+
+
+def test_attention_fwd_launcher_writes_lse(fa, device):
+    B, H, T, D = 1, 2, 37, 64
+    q, k, v = (t.detach() for t in _qkv(B, H, T, T, D, torch.float32, device))
+    o, lse = fa.attention_fwd(q, k, v, True, 0.0, 1 / 8, None)
+    s = (q.double() @ k.double().transpose(-1, -2)) / 8
+    s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=device).triu(1), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+
+
+# ---- dropout: the reference cannot reproduce Philox bits, so test statistics and consistency
+
+def _dropout_mask(fa, B, H, Tq, Tk, p, seed, device):
+    """The keep mask the kernel draws for these sizes and this torch seed: q = 0 makes P uniform
+    (1/Tk), v = I (D = Tk) makes o = P * keep / (1 - p), so keep = o * Tk * (1 - p)."""
+    q = torch.zeros(B, H, Tq, Tk, device=device)
+    k = torch.randn(B, H, Tk, Tk, device=device)
+    v = torch.eye(Tk, device=device).expand(B, H, Tk, Tk)
+    torch.manual_seed(seed)
+    o = fa.attention(q, k, v, causal=False, dropout_p=p)
+    keep = o.double() * Tk * (1 - p)
+    assert torch.allclose(keep, keep.round(), atol=1e-4), "dropout output is not P * {0, 1/(1-p)}"
+    return keep.round()
+
+
+def test_dropout_keep_fraction(fa, device):
+    p, n = 0.3, 4 * 64 * 64
+    keep = _dropout_mask(fa, 2, 2, 64, 64, p, seed=1, device=device)
+    frac = keep.mean().item()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(frac - (1 - p)) < 5 * sigma, f"kept {frac:.4f}, expected {1 - p} +- {5 * sigma:.4f}"
+    # E[o] = o without dropout: the 1/(1-p) rescale makes the mask unbiased
+    assert abs((keep / (1 - p)).mean().item() - 1.0) < 5 * sigma / (1 - p)
+    # the same torch seed gives the same mask, another seed another one
+    assert torch.equal(keep, _dropout_mask(fa, 2, 2, 64, 64, p, seed=1, device=device))
+    assert not torch.equal(keep, _dropout_mask(fa, 2, 2, 64, 64, p, seed=2, device=device))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_forward_backward_use_one_mask(fa, device, causal):
+    """With a fixed seed the mask depends only on (b, h, i, j): read it off, then check o and
+    dq, dk, dv against fp64 autograd of softmax(qk^T) * keep / (1 - p) @ v."""
+    B, H, T, p, seed = 1, 2, 32, 0.25, 7
+    keep = _dropout_mask(fa, B, H, T, T, p, seed, device)
+    q, k, v = _qkv(B, H, T, T, T, torch.float32, device)
+    torch.manual_seed(seed)
+    o = fa.attention(q, k, v, causal=causal, dropout_p=p)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    hi = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    s = hi[0] @ hi[1].transpose(-1, -2) / math.sqrt(T)
+    if causal:
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=device).triu(1), float("-inf"))
+    o_hi = (torch.softmax(s, -1) * keep / (1 - p)) @ hi[2]
+    g_hi = torch.autograd.grad(o_hi, hi, do.double())
+    torch.testing.assert_close(o.double(), o_hi, rtol=1e-4, atol=1e-5)
+    for name, g, gh in zip(("dq", "dk", "dv"), grads, g_hi):
+        torch.testing.assert_close(g.double(), gh, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+# ---- registration, validation, long sequences
+
+def test_attention_opcheck_and_compile(fa, device):
+    q, k, v = (t.detach() for t in _qkv(1, 2, 17, 17, 32, torch.float32, device))
+    torch.library.opcheck(torch.ops.gpt2_fast_triton.attention_fwd, (q, k, v, True, 0.0, 0.2, None),
+                          test_utils=("test_schema", "test_faketensor"))
+    o, lse = fa.attention_fwd(q, k, v, True, 0.0, 0.2, None)
+    do = torch.randn_like(o)
+    torch.library.opcheck(torch.ops.gpt2_fast_triton.attention_bwd,
+                          (do, q, k, v, o, lse, True, 0.0, 0.2, None),
+                          test_utils=("test_schema", "test_faketensor"))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    f = torch.compile(lambda a, b, c: fa.attention(a, b, c, causal=True).sum(), backend="aot_eager",
+                      fullgraph=True)
+    f(qg, kg, vg).backward()
+    ref = attention_ref(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), causal=True)
+    ref.sum().backward()
+    torch.testing.assert_close(qg.grad, q.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(vg.grad, v.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_rejects_bad_inputs(fa, device):
+    q, k, v = (t.detach() for t in _qkv(1, 2, 8, 8, 32, torch.float32, device))
+    with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
+        fa.attention(q.long(), k, v)
+    with pytest.raises(TypeError, match="share a dtype"):
+        fa.attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="4-D"):
+        fa.attention(q[0], k, v)
+    with pytest.raises(ValueError, match=r"shape \(B, H, Tk, D\)"):
+        fa.attention(q, k[:, :1], v)
+    with pytest.raises(ValueError, match="dropout_p"):
+        fa.attention(q, k, v, dropout_p=1.0)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        fa.attention(q, k, v.tolist())
+
+
+@pytest.mark.parametrize("T", [pytest.param(1023, marks=SLOW_ON_CPU)])
+def test_attention_t1023(fa, device, T):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    B, H = (2, 4) if device.type == "cuda" else (1, 1)
+    _check(fa, *_qkv(B, H, T, T, 64, dtype, device), True)
