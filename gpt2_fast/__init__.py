@@ -6,6 +6,7 @@
 """
 from .config import PRESETS, GPTConfig
 from .generate import GenerationResult, generate, sample_logits, stream
+from .hf_patch import patch_hf  # noqa: F401  (imports transformers/triton only when called)
 from .model import GPT
 from .tokenizer import Tokenizer, get_tokenizer
 
