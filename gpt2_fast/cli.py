@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "prepare": ("gpt2_fast.data", "tokenize text files into uint16 train/val token shards"),
     "train": ("gpt2_fast.train", "train or fine-tune GPT-2 (single process, or DDP / FSDP2 under torchrun)"),
     "eval": ("gpt2_fast.eval", "perplexity, LAMBADA accuracy and zero-shot tasks of a model"),
+    "demo": ("gpt2_fast.demo", "prepare the bundled corpus, train a small GPT-2, evaluate, sample"),
 }
 
 

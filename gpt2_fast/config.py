@@ -79,7 +79,7 @@ class GPTConfig:
 RUN_CONTROL_FIELDS = ("out_dir", "resume", "device", "compile", "eval_interval", "eval_iters",
                       "log_interval", "sample_interval", "sample_tokens", "sample_prompt",
                       "ckpt_interval", "keep_last", "progress", "tensorboard", "plot", "init_from",
-                      "max_steps_this_run")
+                      "max_steps_this_run", "max_seconds")
 
 
 @dataclass
@@ -127,6 +127,7 @@ class TrainConfig:
     ckpt_interval: int = 500
     keep_last: int = 3
     max_steps_this_run: int = 0         # stop (with a checkpoint) after this many steps; 0: no limit
+    max_seconds: float = 0.0            # stop (with a final eval and checkpoint) after this much wall time; 0: no limit
     progress: bool = True
     tensorboard: bool = True
     plot: bool = True
@@ -142,6 +143,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0, got {v!r}")
+        if not isinstance(self.max_seconds, (int, float)) or self.max_seconds < 0:
+            raise ValueError(f"TrainConfig.max_seconds must be >= 0, got {self.max_seconds!r}")
         if self.data_order not in ("random", "sequential"):
             raise ValueError(f"TrainConfig.data_order must be 'random' or 'sequential', got {self.data_order!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

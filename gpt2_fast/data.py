@@ -182,13 +182,16 @@ def list_inputs(inputs: Sequence[str]) -> list[str]:
     return files
 
 
-def _split_points(text: str, pieces: int) -> list[str]:
+PARALLEL_MIN_CHARS = 1 << 20  # documents longer than this are cut into pieces for the threads
+
+
+def _split_points(text: str, pieces: int, min_piece: int = 65536) -> list[str]:
     """Cut text into about `pieces` parts at a newline followed by a non-space character: GPT-2's
     pre-tokenizer never joins across such a point, so encoding the parts gives the same ids as
     encoding the whole."""
-    if pieces <= 1 or len(text) < 2 * 65536:
+    if pieces <= 1 or len(text) < 2 * min_piece:
         return [text]
-    step = max(len(text) // pieces, 65536)
+    step = max(len(text) // pieces, min_piece)
     parts, start = [], 0
     while start < len(text):
         cut = start + step
@@ -206,7 +209,7 @@ def encode_documents(docs: Sequence[str], num_threads: Optional[int] = None) -> 
     num_threads = num_threads or os.cpu_count() or 1
     pieces, owner = [], []
     for i, d in enumerate(docs):
-        parts = _split_points(d, 4 * num_threads) if len(d) > 1 << 20 else [d]
+        parts = _split_points(d, 4 * num_threads) if len(d) > PARALLEL_MIN_CHARS else [d]
         pieces += parts
         owner += [i] * len(parts)
     ids = tok.encode_batch(pieces, allow_special=False, num_threads=num_threads)

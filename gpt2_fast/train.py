@@ -462,7 +462,8 @@ def train(cfg: TrainConfig) -> dict:
 
     ckpt_path = None
     fwd.train()
-    t_last = time.perf_counter()
+    t_last = t_loop = time.perf_counter()
+    out_of_time = False
     with _StopSignal() as stop:
         while step < stop_at:
             lr = lr_at(cfg, step)
@@ -541,9 +542,15 @@ def train(cfg: TrainConfig) -> dict:
             if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < stop_at:
                 ckpt_path = save()
             t_last = time.perf_counter()  # tokens/s counts the steps, not evals / samples / saves
+            if cfg.max_seconds and t_last - t_loop > cfg.max_seconds:
+                out_of_time = True
+                if d.master:
+                    (bar.write if bar is not None else print)(
+                        f"gpt2-fast train: time budget of {cfg.max_seconds:.0f} s reached at step {step}")
+                break
     if bar is not None:
         bar.close()
-    if step >= cfg.max_steps:
+    if step >= cfg.max_steps or out_of_time:
         run_eval()
     if last_saved != step:
         ckpt_path = save()
