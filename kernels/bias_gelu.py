@@ -112,7 +112,7 @@ def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_db: bool) 
     col_blocks = triton.cdiv(N, BLOCK_N)
     tiles = triton.cdiv(M, BLOCK_M)
     # enough programs to fill the machine, each walking a contiguous range of row tiles
-    row_programs = max(1, min(tiles, triton.cdiv(num_programs(x.device), col_blocks)))
+    row_programs = max(1, min(tiles, triton.cdiv(num_programs(x.device, per_sm=8), col_blocks)))
     tiles_per_program = triton.cdiv(tiles, row_programs)
     row_programs = triton.cdiv(tiles, tiles_per_program)
     need_db = need_db and bias is not None

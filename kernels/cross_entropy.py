@@ -202,8 +202,8 @@ class LMHeadCrossEntropyFunction(torch.autograd.Function):
     """The gradients are computed in the forward (the logits chunks are gone by the backward)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, vocab_size, chunk_rows):
-        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, ignore_index, vocab_size, chunk_rows, need_dh, need_dw):
+        # need_* come from the caller: ctx.needs_input_grad stays True under torch.no_grad()
         loss, dhidden, dweight = torch.ops.gpt2_fast_triton.lm_head_cross_entropy_fwd(
             hidden, weight, targets, ignore_index, vocab_size, chunk_rows, need_dh, need_dw)
         ctx.save_for_backward(dhidden, dweight)
@@ -216,7 +216,7 @@ class LMHeadCrossEntropyFunction(torch.autograd.Function):
         need_dh, need_dw = ctx.need
         dh = dhidden * dloss.to(dhidden.dtype) if need_dh else None
         dw = dweight * dloss.to(dweight.dtype) if need_dw else None
-        return dh, dw, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,8 +279,10 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignor
     targets = _check_targets(targets, N, V, ignore_index, hidden)
     if N == 0:
         return _mean_of_no_rows(hidden) + 0.0 * weight.sum()
+    grad = torch.is_grad_enabled()
     return LMHeadCrossEntropyFunction.apply(hidden.contiguous(), weight.contiguous(), targets,
-                                            ignore_index, V, chunk_rows)
+                                            ignore_index, V, chunk_rows,
+                                            grad and hidden.requires_grad, grad and weight.requires_grad)
 
 
 def _mean_of_no_rows(t: Tensor) -> Tensor:

@@ -163,7 +163,7 @@ def layer_norm_bwd(dy: Tensor, ds: Optional[Tensor], x: Tensor, weight: Optional
     dx = poison.empty((M, N), dtype=x.dtype, device=x.device)
     BLOCK_M, BLOCK_N, num_warps = _block_sizes(N, 2048)
     tiles = triton.cdiv(M, BLOCK_M)
-    programs = max(1, min(tiles, num_programs(x.device)))
+    programs = max(1, min(tiles, num_programs(x.device, per_sm=8)))
     tiles_per_program = triton.cdiv(tiles, programs)
     programs = triton.cdiv(tiles, tiles_per_program)
     need_dw = need_dw and weight is not None

@@ -116,6 +116,24 @@ def test_lm_head_partial_grads(ce, device, which):
         torch.testing.assert_close(torch.autograd.grad(loss, leaf)[0], torch.autograd.grad(ref, leaf)[0])
 
 
+def test_lm_head_under_no_grad(ce, device, monkeypatch):
+    h = torch.randn(6, 16, device=device, requires_grad=True)
+    w = torch.randn(20, 16, device=device, requires_grad=True)
+    t = _targets(6, 20, device)
+    seen = []
+    real = torch.ops.gpt2_fast_triton.lm_head_cross_entropy_fwd
+
+    class Spy:  # records the need_dhidden / need_dweight flags the op was called with
+        def __call__(self, *a):
+            seen.append(a[-2:])
+            return real(*a)
+    monkeypatch.setattr(ce.torch.ops.gpt2_fast_triton, "lm_head_cross_entropy_fwd", Spy(), raising=False)
+    with torch.no_grad():
+        loss = ce.lm_head_cross_entropy(h, w, t)
+    torch.testing.assert_close(loss, lm_head_cross_entropy_ref(h, w, t))
+    assert seen == [(False, False)], "no gradient work under torch.no_grad()"
+
+
 def test_chunk_size_from_memory(ce):
     # GPT-2 training step: 16384 rows, 50257 classes, bf16 -> chunks of CHUNK_BYTES logits
     rows = ce._chunk_rows(16384, 50257, 2)
