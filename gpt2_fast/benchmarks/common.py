@@ -196,7 +196,7 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
     nbytes = (1 << 30) if cuda else (16 << 20 if quick else 128 << 20)
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src), device, rep_ms=50 if quick else 200)
+    t = bench(lambda: dst.copy_(src), device, rep_ms=20 if quick else 200)
     out["copy_gbps"] = 2 * nbytes / (t["ms"] * 1e-3) / 1e9
     out["copy_bytes"] = nbytes
     del src, dst
@@ -205,7 +205,7 @@ def measure_ceilings(device: torch.device, quick: bool = False) -> dict:
     for tag, dt in dtypes:
         a = torch.randn(n, n, dtype=dt, device=device)
         b = torch.randn(n, n, dtype=dt, device=device)
-        t = bench(lambda: torch.mm(a, b), device, rep_ms=50 if quick else 200)
+        t = bench(lambda: torch.mm(a, b), device, rep_ms=20 if quick else 200)
         out[f"matmul_tflops_{tag}"] = 2 * n ** 3 / (t["ms"] * 1e-3) / 1e12
         del a, b
     out["matmul_n"] = n

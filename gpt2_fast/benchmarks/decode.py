@@ -58,7 +58,8 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype):
         else:
             torch.manual_seed(0)
             cfg = GPTConfig(**TINY_CONFIG) if spec == TINY else GPTConfig.from_name(spec)
-            model = GPT(cfg)
+            with torch.device(device):  # initialise on the device: seconds saved for gpt2-xl
+                model = GPT(cfg)
             source = (f"random weights with {spec}'s shapes" +
                       (" (no local copy of the checkpoint, and no internet)" if spec in PRESETS else "") +
                       "; speed does not depend on the weights")
@@ -346,6 +347,11 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
     prompt = torch.randint(0, cfg.vocab_size, (args.batch, P), generator=g).tolist()
 
     rows, ids = [], {}
+    result = {"kind": "decode", "stamp": st, "ceilings": ceilings, "quick": quick,
+              "model": spec, "weights": source, "config": cfg.to_dict(), "dtype": str(dtype),
+              "batch": args.batch, "prompt_len": P, "new_tokens": N, "weight_bytes": wbytes, "rows": rows}
+    json_path = (common.result_path(out_dir, f"decode-{common.slug(os.path.basename(spec.rstrip('/')))}", st, "json")
+                 if out_dir else None)
     for peer in peers:
         try:
             if peer == "ours":
@@ -363,6 +369,8 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
         print(f"  {peer:8s} " + (f"{common.fmt(row['ms_per_token_p50'])} ms/token (p50), TTFT "
                                 f"{common.fmt(row['ttft_ms'])} ms" if row["status"] == "ok"
                                 else f"skipped: {row['reason']}"), flush=True)
+        if json_path:  # after every peer: a run cut short by a timeout keeps what it measured
+            common.write_json(json_path, result)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -379,14 +387,10 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
             print(f"skipped {r['peer']}: {r['reason']}")
     if device.type == "cpu":
         print(f"\n{common.CPU_NOTE.upper()}")
-    result = {"kind": "decode", "stamp": st, "ceilings": ceilings, "quick": quick,
-              "model": spec, "weights": source, "config": cfg.to_dict(), "dtype": str(dtype),
-              "batch": args.batch, "prompt_len": P, "new_tokens": N, "weight_bytes": wbytes, "rows": rows}
     if args.profile:
         result["profile"] = _profile(model, prompt, N, device, out_dir, st)
-    if out_dir:
-        path = common.write_json(common.result_path(out_dir, f"decode-{common.slug(os.path.basename(spec))}",
-                                                    st, "json"), result)
+    if json_path:
+        path = common.write_json(json_path, result)
         result["paths"] = {"json": path}
         print(f"wrote {path}")
     return result

@@ -247,6 +247,17 @@ def _native(op: str):
     raise LookupError(f"torch has no single fused kernel for {op} beyond the reference")
 
 
+def applicable(op: str, provider: str) -> bool:
+    """Whether `provider` has a version of `op` at all (else it is left out, not 'skipped')."""
+    if provider.startswith("sdpa-"):
+        return op in ("attention", "decode_attention")
+    if provider == "torch-native":
+        return op in ("layer_norm", "add_layer_norm")
+    if provider == "liger":
+        return op in ("layer_norm", "softmax_cross_entropy", "lm_head_cross_entropy")
+    return True
+
+
 def provider_fn(op: str, provider: str, device: torch.device, allow_compile: bool) -> tuple[Optional[Callable], str]:
     """(fn with the reference signature, backend detail) or (None, the reason it cannot run)."""
     ref = getattr(reference, op + "_ref")
@@ -394,6 +405,70 @@ def measure(case: Case, provider: str, device: torch.device, ceilings: dict, qui
     return row
 
 
+def pytest_bench(benchmark, case: Case, provider: str, device: torch.device, ceilings: dict,
+                 quick: bool, allow_compile: Optional[bool] = None) -> dict:
+    """The body of every bench/test_bench_<op>.py test (pytest-benchmark's `benchmark` fixture).
+
+    extra_info gets the authoritative figures of common.bench (CUDA events, L2 flushed, median):
+    ms, GB/s or TFLOP/s, % of the ceiling measured in the same session, peak memory, max error vs
+    the reference. pytest-benchmark's own statistics time the same call followed by a device
+    sync (wall clock), a few rounds, so that its JSON/compare tooling works as usual.
+    """
+    import os
+
+    import pytest
+    if allow_compile is None:  # compiling takes minutes on a CPU: opt in there
+        allow_compile = not (quick and device.type == "cpu") or os.environ.get("GPT2_FAST_BENCH_COMPILE") == "1"
+    common.reset_peak_memory(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    p = prepare(case, provider, device, allow_compile)
+    if isinstance(p, str):
+        pytest.skip(p)
+    t = common.bench(p.fn, device, warmup_ms=5 if quick else 25, rep_ms=20 if quick else 100,
+                     min_reps=3 if quick else 10)
+    metric, amount = work(case)
+    value = amount / (t["ms"] * 1e-3) / (1e9 if metric == "GB/s" else 1e12)
+    ceiling = ceilings.get("copy_gbps") if metric == "GB/s" else common.matmul_ceiling(ceilings, case.dtype)
+    peak = common.peak_memory_gb(device)
+    info = dict(op=case.op, mode=case.mode, shape=case.label, provider=provider, detail=p.detail,
+                dtype=str(case.dtype).replace("torch.", ""), device=common.device_name(device),
+                ms=t["ms"], p10_ms=t["p10_ms"], p90_ms=t["p90_ms"], metric=metric, value=value,
+                work=amount, ceiling=ceiling, pct_ceiling=100.0 * value / ceiling if ceiling else None,
+                peak_mem_gb=None if peak is None else max(0.0, peak - base / 1e9),
+                max_err=p.max_err, compile_s=p.compile_s)
+    benchmark.extra_info.update(info)
+
+    def synced():
+        p.fn()
+        common.sync(device)
+    benchmark.pedantic(synced, rounds=3 if quick else 10, warmup_rounds=1, iterations=1)
+    return info
+
+
+def pytest_params(ops_: tuple[str, ...]):
+    """(device, quick, [(case, provider)]) for a bench file's parametrize, from the environment:
+    GPT2_FAST_BENCH_DEVICE (default cuda if available), GPT2_FAST_BENCH_QUICK (default 1 on CPU),
+    GPT2_FAST_BENCH_PRESETS (comma list; default all four on CUDA, tiny in quick mode),
+    GPT2_FAST_BENCH_PROVIDERS, GPT2_FAST_BENCH_SEQS."""
+    import os
+    device = common.parse_device(os.environ.get("GPT2_FAST_BENCH_DEVICE") or None)
+    quick = os.environ.get("GPT2_FAST_BENCH_QUICK", "1" if device.type == "cpu" else "0") == "1"
+    presets = os.environ.get("GPT2_FAST_BENCH_PRESETS")
+    presets = tuple(presets.split(",")) if presets else ((TINY,) if quick else tuple(PRESETS))
+    providers = os.environ.get("GPT2_FAST_BENCH_PROVIDERS")
+    providers = tuple(providers.split(",")) if providers else PROVIDERS
+    seqs = tuple(int(s) for s in os.environ.get("GPT2_FAST_BENCH_SEQS", "1024,4096").split(","))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    params = [(c, p) for c in cases(ops_, MODES, presets, seqs, dtype, quick)
+              for p in providers if applicable(c.op, p)]
+    return device, quick, params
+
+
+def param_id(param) -> str:
+    case, provider = param
+    return f"{case.op}-{case.mode}-{case.label.replace(' ', '_')}-{provider}"
+
+
 # ---------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------
@@ -407,7 +482,7 @@ TABLE = (("op", "op"), ("mode", "mode"), ("shape", "shape"), ("provider", "provi
 
 def add_arguments(p) -> None:
     p.add_argument("--ops", default="all",
-                   help=f"comma list of ops or groups: {', '.join(OP_GROUPS)} or {', '.join(ALL_OPS)}")
+                   help=f"comma list of ops ({', '.join(ALL_OPS)}) or 'cross_entropy' for both losses")
     p.add_argument("--providers", default="all", help=f"comma list of {', '.join(PROVIDERS)}")
     p.add_argument("--modes", default="all", help="comma list of fwd, bwd, fwd+bwd")
     p.add_argument("--presets", default=None,
@@ -433,7 +508,7 @@ def select_ops(value: str) -> tuple[str, ...]:
         return ALL_OPS
     out = []
     for item in _split(value, tuple(OP_GROUPS) + ALL_OPS, "--ops"):
-        out.extend(OP_GROUPS.get(item, (item,)))
+        out.extend((item,) if item in ALL_OPS else OP_GROUPS[item])  # an op name means that op alone
     return tuple(dict.fromkeys(out))
 
 
@@ -461,15 +536,21 @@ def run(args, device: torch.device, out_dir: str) -> dict:
     ceilings = common.measure_ceilings(device, quick=quick)
     print("ceilings (measured now): " + ", ".join(f"{k} {common.fmt(v)}" for k, v in ceilings.items()),
           flush=True)
-    rows = []
+    rows: list = []
+    result = {"kind": "kernels", "stamp": st, "ceilings": ceilings, "quick": quick, "rows": rows}
+    json_path = common.result_path(out_dir, "kernels", st, "json") if out_dir else None
+    csv_path = common.result_path(out_dir, "kernels", st, "csv") if out_dir else None
     for case in cases(ops_, modes, presets, seqs, dtype, quick):
-        for provider in providers:
+        for provider in (p for p in providers if applicable(case.op, p)):
             row = measure(case, provider, device, ceilings, quick, allow_compile)
             rows.append(row)
             if row["status"] == "ok":
                 print(f"  {row['op']:22s} {row['mode']:7s} {row['shape']:28s} {provider:14s} "
                       f"{common.fmt(row['ms']):>9s} ms  {common.fmt(row['value']):>8s} {row['metric']}"
                       f"  {common.fmt(row['pct_ceiling'])}% of ceiling", flush=True)
+        if out_dir:  # after every case: a run cut short by a timeout keeps what it measured
+            common.write_json(json_path, result)
+            common.write_csv(csv_path, rows, COLUMNS, st)
     ok = [r for r in rows if r["status"] == "ok"]
     print()
     print(common.format_table(ok, TABLE))
@@ -484,11 +565,10 @@ def run(args, device: torch.device, out_dir: str) -> dict:
     if device.type == "cpu":
         print(f"\n{common.CPU_NOTE.upper()}")
 
-    result = {"kind": "kernels", "stamp": st, "ceilings": ceilings, "quick": quick, "rows": rows}
     paths = {}
     if out_dir:
-        paths["json"] = common.write_json(common.result_path(out_dir, "kernels", st, "json"), result)
-        paths["csv"] = common.write_csv(common.result_path(out_dir, "kernels", st, "csv"), rows, COLUMNS, st)
+        paths["json"] = common.write_json(json_path, result)
+        paths["csv"] = common.write_csv(csv_path, rows, COLUMNS, st)
         groups: dict = {}
         for r in ok:
             groups.setdefault(f"{r['op']} {r['mode']} ({r['metric']})", []).append(

@@ -32,7 +32,7 @@ from . import common
 TINY = "tiny"
 TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=128)
 PEERS = ("ours", "torch-eager", "torch-compile", "hf", "ours-compile")
-DEFAULT_PEERS = ("ours", "torch-eager", "torch-compile", "hf")
+DEFAULT_PEERS = ("ours", "torch-eager", "hf", "torch-compile")  # compile last: the longest warm-up
 
 
 def flops_per_token(cfg: GPTConfig, n_params: int, seq_len: int) -> float:
@@ -57,7 +57,9 @@ def _build(peer: str, cfg: GPTConfig, device: torch.device):
         hf_cfg = config_to_hf(cfg)
         hf_cfg.pop("architectures", None)
         hf_cfg.pop("model_type", None)
-        m = GPT2LMHeadModel(GPT2Config(**hf_cfg)).to(device)
+        with torch.device(device):
+            m = GPT2LMHeadModel(GPT2Config(**hf_cfg))
+        m = m.to(device)
         m.train()
 
         def loss_fn(x, y):
@@ -65,7 +67,8 @@ def _build(peer: str, cfg: GPTConfig, device: torch.device):
         n = sum(p.numel() for p in m.parameters()) - m.transformer.wpe.weight.numel()
         return m, loss_fn, n
     from ..model import GPT
-    m = GPT(GPTConfig(**{**cfg.to_dict(), "backend": "torch" if peer.startswith("torch") else cfg.backend}))
+    with torch.device(device):  # initialise on the device (seconds saved for the big presets)
+        m = GPT(GPTConfig(**{**cfg.to_dict(), "backend": "torch" if peer.startswith("torch") else cfg.backend}))
     m = m.to(device).train()
     n = m.num_params()
     fwd = torch.compile(m) if peer.endswith("compile") else m
@@ -158,7 +161,11 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
     ceilings = common.measure_ceilings(device, quick=quick)
     measured = ceilings.get("matmul_tflops_bf16" if device.type == "cuda" else "matmul_tflops_fp32")
     datasheet = common.datasheet_peak_tflops(st["device"]) if device.type == "cuda" else None
-    rows = []
+    rows: list = []
+    result = {"kind": "train", "stamp": st, "ceilings": ceilings, "quick": quick, "model": spec,
+              "config": cfg.to_dict(), "batch": batch, "seq": seq, "datasheet_tflops": datasheet,
+              "measured_matmul_tflops": measured, "rows": rows}
+    json_path = common.result_path(out_dir, f"train-{spec}", st, "json") if out_dir else None
     for peer in peers:
         if peer.endswith("compile") and cpu_quick and not args.compile:
             row = dict(peer=peer, status="skipped", reason="torch.compile skipped on CPU in quick mode "
@@ -177,6 +184,8 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
         rows.append(row)
         print(f"  {peer:14s} " + (f"{common.fmt(row['tokens_per_s'])} tokens/s" if row["status"] == "ok"
                                   else f"skipped: {row['reason']}"), flush=True)
+        if json_path:  # after every peer: a run cut short by a timeout keeps what it measured
+            common.write_json(json_path, result)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -190,11 +199,8 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
             print(f"skipped {r['peer']}: {r['reason']}")
     if device.type == "cpu":
         print(f"\n{common.CPU_NOTE.upper()}")
-    result = {"kind": "train", "stamp": st, "ceilings": ceilings, "quick": quick, "model": spec,
-              "config": cfg.to_dict(), "batch": batch, "seq": seq, "datasheet_tflops": datasheet,
-              "measured_matmul_tflops": measured, "rows": rows}
-    if out_dir:
-        path = common.write_json(common.result_path(out_dir, f"train-{spec}", st, "json"), result)
+    if json_path:
+        path = common.write_json(json_path, result)
         result["paths"] = {"json": path}
         print(f"wrote {path}")
     return result
