@@ -235,8 +235,11 @@ def run_compile(model, prompt, new_tokens, device, dtype, wbytes, P, allow_compi
             logits, _ = model(tok, input_pos=pos, only_last=True)
             return logits[:, -1].argmax(-1, keepdim=True)
 
-        f = torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else "default",
-                          fullgraph=True) if use_compile else step
+        def compiled(fullgraph: bool):
+            return torch.compile(step, mode="reduce-overhead" if device.type == "cuda" else "default",
+                                 fullgraph=fullgraph)
+        f = compiled(True) if use_compile else step
+        note = ""
         mark = getattr(torch.compiler, "cudagraph_mark_step_begin", None) if device.type == "cuda" else None
         idx = torch.tensor(prompt, device=device)
 
@@ -262,13 +265,21 @@ def run_compile(model, prompt, new_tokens, device, dtype, wbytes, P, allow_compi
 
         common.reset_peak_memory(device)
         t0 = time.perf_counter()
-        once(min(new_tokens, 4))
+        try:
+            once(min(new_tokens, 4))
+        except Exception as e:  # a graph break in the model: gpt-fast's recipe minus fullgraph
+            if not use_compile:
+                raise
+            note = f"; fullgraph=False ({type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''})"
+            torch._dynamo.reset()
+            f = compiled(False)
+            once(min(new_tokens, 4))
         warmup_s = time.perf_counter() - t0
         _, iv, ids = once(new_tokens)
         what = ("torch.compile(mode='reduce-overhead', fullgraph=True) one-token step, static cache"
                 if device.type == "cuda" else
                 ("torch.compile one-token step, static cache" if use_compile else
-                 "eager static-cache step (torch.compile skipped on CPU: pass --compile)"))
+                 "eager static-cache step (torch.compile skipped on CPU: pass --compile)")) + note
         row = _summary("compile", iv[0] * 1e-3, iv[1:], model.config, B, P, new_tokens, wbytes, dtype,
                        device, warmup_s=warmup_s, compile_s=warmup_s if use_compile else None, detail=what)
         return row, ids
