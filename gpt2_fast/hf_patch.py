@@ -23,7 +23,7 @@ The residual add stays HF's (fusing it into ln_2 would mean replacing GPT2Block.
 """
 from __future__ import annotations
 
-import types
+import functools
 from typing import Optional
 
 import torch
@@ -56,12 +56,25 @@ _MLP_CLASSES: dict = {}
 
 
 def _fast_mlp_class(cls):
-    """A subclass of HF's MLP class with the fused forward (one per class; swapped in place)."""
+    """A subclass of HF's MLP class with the fused forward (one per class; swapped in place).
+
+    Made on first use (transformers is imported only then) and published as a module attribute,
+    so pickling a patched model works; module __getattr__ rebuilds it when unpickling.
+    """
     if cls not in _MLP_CLASSES:
-        _MLP_CLASSES[cls] = type("Fast" + cls.__name__, (cls,),
-                                 {"forward": _mlp_forward, "_gpt2_fast_backend": "auto",
-                                  "__module__": __name__})
+        fast = type("Fast" + cls.__name__, (cls,),
+                    {"forward": _mlp_forward, "_gpt2_fast_backend": "auto", "__module__": __name__,
+                     "__qualname__": "Fast" + cls.__name__})
+        _MLP_CLASSES[cls] = fast
+        globals()[fast.__name__] = fast
     return _MLP_CLASSES[cls]
+
+
+def __getattr__(name: str):
+    if name == "FastGPT2MLP":
+        from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+        return _fast_mlp_class(GPT2MLP)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -180,5 +193,6 @@ def patch_hf(model: nn.Module, backend: str = "auto", layer_norm: bool = True, m
     if loss and isinstance(model, hf.GPT2LMHeadModel):
         model._gpt2_fast_backend = backend
         model._gpt2_fast_skip_logits = skip_logits
-        model.forward = types.MethodType(_lm_head_model_forward, model)
+        # a partial, not a bound method, so that deepcopy and pickling of the model still work
+        model.forward = functools.partial(_lm_head_model_forward, model)
     return model

@@ -147,6 +147,23 @@ def test_ops_are_called(device, monkeypatch):
                      "lm_head_cross_entropy": 1, "softmax_cross_entropy": 1}, calls
 
 
+def test_save_load_and_pickle(device, tmp_path):
+    import io
+    ref, fast = _pair(device, "torch")
+    fast.eval()
+    idx = torch.randint(0, V, (1, 6), device=device)
+    want = fast(idx, labels=idx).loss
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    _close(again(idx, labels=idx).loss, want, "loss after torch.save/load")
+    fast.save_pretrained(tmp_path)  # loads back as a plain HF model, same weights
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path).to(device).eval()
+    assert type(plain.transformer.ln_f) is torch.nn.LayerNorm
+    _close(plain(idx, labels=idx).loss, want, "loss of the saved checkpoint")
+
+
 def test_bad_inputs():
     with pytest.raises(TypeError, match="GPT2LMHeadModel or GPT2Model"):
         patch_hf(torch.nn.Linear(2, 2))
