@@ -315,7 +315,15 @@ def write_json(path: str, obj: dict) -> str:
             json.dump(_jsonable(obj), f, indent=1)
             f.write("\n")
     atomic_write(path, write)
+    _readable(path)
     return path
+
+
+def _readable(path: str) -> None:
+    try:
+        os.chmod(path, 0o644)  # the temp file of atomic_write is 0600
+    except OSError:
+        pass
 
 
 def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str], st: dict) -> str:
@@ -333,6 +341,7 @@ def write_csv(path: str, rows: Sequence[dict], columns: Sequence[str], st: dict)
             for r in rows:
                 w.writerow({c: _fmt_csv(r.get(c)) for c in columns})
     atomic_write(path, write)
+    _readable(path)
     return path
 
 
@@ -418,5 +427,6 @@ def plot_bars(path: str, groups: dict, st: dict, ylabel_of: Callable[[str], str]
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write(path, lambda p: fig.savefig(p, dpi=90, format="png"))
+    _readable(path)
     plt.close(fig)
     return path

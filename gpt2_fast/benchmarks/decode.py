@@ -316,11 +316,12 @@ def _profile(model, prompt, new_tokens, device, out_dir, st) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         _ours_once(model, prompt, min(new_tokens, 32), device)
-    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     try:
         table = prof.key_averages().table(sort_by=sort, row_limit=12)
-    except Exception:  # newer torch names it self_device_time_total
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=12)
+    except Exception:  # torch before 2.4 named it self_cuda_time_total
+        sort = "self_cuda_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=12)
     trace_dir = out_dir or tempfile.mkdtemp(prefix="gpt2_fast_trace_")
     os.makedirs(trace_dir, exist_ok=True)
     trace = common.result_path(trace_dir, "decode-trace", st, "json")

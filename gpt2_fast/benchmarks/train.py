@@ -186,6 +186,8 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
                                   else f"skipped: {row['reason']}"), flush=True)
         if json_path:  # after every peer: a run cut short by a timeout keeps what it measured
             common.write_json(json_path, result)
+        if peer.endswith("compile"):
+            torch._dynamo.reset()  # drop compiled graphs that keep the peer's model alive
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
