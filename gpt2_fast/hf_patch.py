@@ -18,8 +18,8 @@ the backend follows its rules ("auto": Triton on CUDA, else the best CPU path; o
                                                  None (the (B*T, V) logits never exist); else the
                                                  logits are computed and ops.softmax_cross_entropy
                                                  gives the loss
-
-The residual add stays HF's (fusing it into ln_2 would mean replacing GPT2Block.forward).
+  GPT2Block `x = x + attn(ln_1(x)); h = ln_2(x)` -> ops.add_layer_norm (one pass writes x and h);
+                                                 cross-attention blocks keep HF's forward
 """
 from __future__ import annotations
 
@@ -52,28 +52,48 @@ def _mlp_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self.dropout(self.c_proj(h))
 
 
-_MLP_CLASSES: dict = {}
+def _block_forward(self, hidden_states, past_key_values=None, attention_mask=None,
+                   encoder_hidden_states=None, encoder_attention_mask=None, use_cache=False, **kwargs):
+    """GPT2Block.forward with `x = x + attn(ln_1(x)); h = ln_2(x)` as one ops.add_layer_norm."""
+    if encoder_hidden_states is not None:  # cross-attention blocks keep HF's forward
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+        return GPT2Block.forward(
+            self, hidden_states, past_key_values=past_key_values, attention_mask=attention_mask,
+            encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+            use_cache=use_cache, **kwargs)
+    residual = hidden_states
+    attn_output, _ = self.attn(self.ln_1(hidden_states), past_key_values=past_key_values,
+                               attention_mask=attention_mask, use_cache=use_cache, **kwargs)
+    ln_2 = self.ln_2
+    hidden_states, h = ops.add_layer_norm(attn_output, residual, ln_2.weight, ln_2.bias, ln_2.eps,
+                                          backend=self._gpt2_fast_backend)
+    return hidden_states + self.mlp(h)
 
 
-def _fast_mlp_class(cls):
-    """A subclass of HF's MLP class with the fused forward (one per class; swapped in place).
+_FAST_CLASSES: dict = {}
+_FORWARDS = {"GPT2MLP": _mlp_forward, "GPT2Block": _block_forward}
+
+
+def _fast_class(cls):
+    """Subclass "Fast<cls>" of an HF module class with our forward (one per class; swapped in place).
 
     Made on first use (transformers is imported only then) and published as a module attribute,
-    so pickling a patched model works; module __getattr__ rebuilds it when unpickling.
+    so pickling a patched model works; module __getattr__ rebuilds it when unpickling. A subclass
+    of GPT2Block keeps HF's gradient checkpointing (GradientCheckpointingLayer wraps its forward).
     """
-    if cls not in _MLP_CLASSES:
-        fast = type("Fast" + cls.__name__, (cls,),
-                    {"forward": _mlp_forward, "_gpt2_fast_backend": "auto", "__module__": __name__,
-                     "__qualname__": "Fast" + cls.__name__})
-        _MLP_CLASSES[cls] = fast
-        globals()[fast.__name__] = fast
-    return _MLP_CLASSES[cls]
+    if cls not in _FAST_CLASSES:
+        name = "Fast" + cls.__name__
+        fast = type(name, (cls,), {"forward": _FORWARDS[cls.__name__], "_gpt2_fast_backend": "auto",
+                                   "__module__": __name__, "__qualname__": name})
+        _FAST_CLASSES[cls] = fast
+        globals()[name] = fast
+    return _FAST_CLASSES[cls]
 
 
 def __getattr__(name: str):
-    if name == "FastGPT2MLP":
-        from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
-        return _fast_mlp_class(GPT2MLP)
+    if name in ("FastGPT2MLP", "FastGPT2Block"):
+        from transformers.models.gpt2 import modeling_gpt2
+        return _fast_class(getattr(modeling_gpt2, name[len("Fast"):]))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -155,12 +175,14 @@ def _lm_head_model_forward(self, input_ids=None, past_key_values=None, attention
 
 
 def patch_hf(model: nn.Module, backend: str = "auto", layer_norm: bool = True, mlp: bool = True,
-             attention: bool = True, loss: bool = True, skip_logits: Optional[bool] = None) -> nn.Module:
+             attention: bool = True, loss: bool = True, fuse_residual: bool = True,
+             skip_logits: Optional[bool] = None) -> nn.Module:
     """Swap, in place, a transformers GPT2LMHeadModel's (or GPT2Model's) ops for gpt2_fast's.
 
     backend: "auto" | "torch" | "triton" | "cuda" | "cpp", as gpt2_fast.ops (GPT2_FAST_BACKEND
     still overrides). skip_logits: with labels, return logits=None and use the fused LM-head loss;
-    None means "when model.training" (Liger's default). Weights, parameter names and the state
+    None means "when model.training" (Liger's default). fuse_residual: each block's
+    `x = x + attn(...); h = ln_2(x)` becomes one add_layer_norm (needs layer_norm). Weights, parameter names and the state
     dict are unchanged. Calling patch_hf again re-targets the backend. Returns the model.
     """
     try:
@@ -174,15 +196,16 @@ def patch_hf(model: nn.Module, backend: str = "auto", layer_norm: bool = True, m
                         f"got {type(model).__name__}")
     act = getattr(model.config, "activation_function", "gelu_new")
     for module in model.modules():
-        if layer_norm and isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1:
-            if type(module) is nn.LayerNorm:
-                module.__class__ = GPT2FastLayerNorm
-        if mlp and isinstance(module, hf.GPT2MLP) and act in TANH_GELUS:
-            if type(module) not in _MLP_CLASSES.values():
-                module.__class__ = _fast_mlp_class(type(module))
-        if attention and isinstance(module, hf.GPT2Attention):
-            module._gpt2_fast_backend = backend
-        if isinstance(module, GPT2FastLayerNorm) or type(module) in _MLP_CLASSES.values():
+        if layer_norm and type(module) is nn.LayerNorm and len(module.normalized_shape) == 1:
+            module.__class__ = GPT2FastLayerNorm
+        if mlp and type(module) is hf.GPT2MLP and act in TANH_GELUS:
+            module.__class__ = _fast_class(hf.GPT2MLP)
+        if fuse_residual and layer_norm and type(module) is hf.GPT2Block and \
+                type(module.ln_2) in (nn.LayerNorm, GPT2FastLayerNorm) and \
+                len(module.ln_2.normalized_shape) == 1:
+            module.__class__ = _fast_class(hf.GPT2Block)
+        if isinstance(module, (GPT2FastLayerNorm, hf.GPT2Attention)) or \
+                type(module) in _FAST_CLASSES.values():
             module._gpt2_fast_backend = backend
     if attention:
         _register_attention()

@@ -49,6 +49,7 @@ def test_modules_are_swapped_weights_kept(device):
     assert all(isinstance(b.ln_1, GPT2FastLayerNorm) and isinstance(b.ln_2, GPT2FastLayerNorm)
                for b in fast.transformer.h)
     assert type(fast.transformer.h[0].mlp).__name__ == "FastGPT2MLP"
+    assert type(fast.transformer.h[0]).__name__ == "FastGPT2Block"
     assert fast.config._attn_implementation == "gpt2_fast"
     sd_ref, sd_fast = ref.state_dict(), fast.state_dict()
     assert sd_ref.keys() == sd_fast.keys()
@@ -130,7 +131,7 @@ def test_other_activation_keeps_hf_mlp(device):
 def test_ops_are_called(device, monkeypatch):
     from gpt2_fast import ops
     calls = {}
-    for name in ("layer_norm", "bias_gelu", "attention", "lm_head_cross_entropy", "softmax_cross_entropy"):
+    for name in ("layer_norm", "add_layer_norm", "bias_gelu", "attention", "lm_head_cross_entropy", "softmax_cross_entropy"):
         real = getattr(ops, name)
 
         def spy(*a, _real=real, _name=name, **k):
@@ -143,7 +144,7 @@ def test_ops_are_called(device, monkeypatch):
     fast(idx, labels=idx).loss.backward()
     fast.eval()
     fast(idx, labels=idx)
-    assert calls == {"layer_norm": 2 * 5, "bias_gelu": 2 * 2, "attention": 2 * 2,
+    assert calls == {"layer_norm": 2 * 3, "add_layer_norm": 2 * 2, "bias_gelu": 2 * 2, "attention": 2 * 2,
                      "lm_head_cross_entropy": 1, "softmax_cross_entropy": 1}, calls
 
 
@@ -162,6 +163,30 @@ def test_save_load_and_pickle(device, tmp_path):
     plain = GPT2LMHeadModel.from_pretrained(tmp_path).to(device).eval()
     assert type(plain.transformer.ln_f) is torch.nn.LayerNorm
     _close(plain(idx, labels=idx).loss, want, "loss of the saved checkpoint")
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_gradient_checkpointing_still_works(device):
+    ref, fast = _pair(device, "torch")
+    fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ref.train(), fast.train()
+    idx = torch.randint(0, V, (2, 9), device=device)
+    out_ref, out_fast = ref(idx, labels=idx), fast(idx, labels=idx)
+    _close(out_fast.loss, out_ref.loss, "loss")
+    out_ref.loss.backward()
+    out_fast.loss.backward()
+    g_ref = dict(ref.named_parameters())
+    for name, p in fast.named_parameters():
+        _close(p.grad, g_ref[name].grad, f"grad {name}")
+
+
+def test_cross_attention_blocks(device):
+    ref, fast = _pair(device, "torch", add_cross_attention=True)
+    ref.eval(), fast.eval()
+    idx = torch.randint(0, V, (2, 6), device=device)
+    enc = torch.randn(2, 5, 64, device=device)
+    _close(fast(idx, encoder_hidden_states=enc).logits, ref(idx, encoder_hidden_states=enc).logits,
+           "logits with cross-attention")
 
 
 def test_bad_inputs():
