@@ -33,6 +33,7 @@ q may differ in dtype from the cache (it is cast to the cache dtype); o has q's 
 Layers: @triton.jit kernels -> host launcher decode_attention_fwd -> torch.library custom op
 "gpt2_fast_triton::decode_attention" with a fake (meta) function -> decode_attention(). It has
 no backward: decoding is inference only (training uses kernels/flash_attention.py).
+bf16 under the Triton interpreter: see the caveat in kernels/flash_attention.py (DOT_PREC).
 """
 # No `from __future__ import annotations`: torch.library reads these annotations at runtime.
 import functools

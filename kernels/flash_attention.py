@@ -24,7 +24,8 @@ Backward (FlashAttention-2, no atomics; P is recomputed from q, k and the saved 
         P = exp(S - lse);  dV += P^T dO;  dP = dO V^T;  dS = P * (dP - delta);  dK += dS^T Q * scale
     per query block (dq; loop over key blocks)                    (_attention_bwd_dq_kernel)
         dQ += dS K * scale
-Recomputing S in two kernels costs ~20% more FLOPs than one atomic dq kernel but is deterministic.
+Two kernels recompute S and dP twice: 7 tile matmuls per (query, key) block pair instead of the 5
+of a single kernel with atomic dq adds, in exchange for determinism and no dq zero-fill/fp32 pass.
 
 Dropout (training): keep_ij = (philox_uniform(seed, bh*Tq*Tk + i*Tk + j) >= p); the forward
 normalizes l with the undropped p, accumulates only kept p, and scales o by 1/(1-p). The
@@ -39,6 +40,9 @@ torch.compile and CUDA graphs see through them -> AttentionFunction (autograd) -
 The same path runs on CPU under TRITON_INTERPRET=1. On CUDA the kernels are autotuned for
 H100/H200 (BLOCK_M/BLOCK_N 64/128, 4/8 warps, 2-4 stages); under the interpreter one small
 config is used (autotuning there is meaningless and slow).
+Interpreter caveat (triton-lang/triton#11584): the Triton interpreter multiplies bf16 dot
+operands as raw uint16 bits and truncates fp32 -> bf16 casts; DOT_PREC "bf16_interp" (CPU tests
+only) widens dot operands to fp32 and rounds casts to nearest, as the GPU does.
 Peers read for the design: Triton tutorial 06 (fused attention) and Dao's flash-attention.
 """
 # No `from __future__ import annotations`: torch.library reads these annotations at runtime.
@@ -54,8 +58,6 @@ from torch import Tensor
 from gpt2_fast import poison
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # =============================================================================================
