@@ -1,0 +1,120 @@
+"""gpt2_fast.eval: sliding-window perplexity, LAMBADA, the task harness, each against a by-hand
+computation with one full forward per scored token."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpt2_fast import eval as E
+from gpt2_fast.config import GPTConfig
+from gpt2_fast.model import GPT
+from gpt2_fast.tokenizer import EOT_TOKEN, get_tokenizer
+
+TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and "
+        "void; and darkness was upon the face of the deep. Café ✓ — naïve.")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)).eval()
+
+
+def logprobs_next(model, context):
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([context]))
+    return F.log_softmax(logits[0, -1].double(), dim=-1)
+
+
+@pytest.mark.parametrize("max_length,stride", [(16, 5), (16, 8), (16, 15), (7, 3)])
+def test_perplexity_is_exp_mean_nll_by_hand(model, max_length, stride):
+    ids = [EOT_TOKEN] + get_tokenizer().encode(TEXT)
+    assert len(ids) > 2 * max_length
+    nll = []
+    for i in range(1, len(ids)):
+        k = max(0, math.ceil((i + 1 - max_length) / stride))  # the first window holding token i
+        nll.append(-float(logprobs_next(model, ids[k * stride:i])[ids[i]]))
+    got = E.perplexity(model, TEXT, max_length=max_length, stride=stride, batch_size=3)
+    mean = sum(nll) / len(nll)
+    assert got["tokens"] == len(ids) - 1
+    assert got["loss"] == pytest.approx(mean, rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(mean), rel=1e-5)
+    assert got["bpb"] == pytest.approx(sum(nll) / math.log(2) / len(TEXT.encode("utf-8")), rel=1e-5)
+
+
+def test_one_window_equals_plain_cross_entropy(model):
+    text = "And God said, Let there be light"
+    ids = [EOT_TOKEN] + get_tokenizer().encode(text)
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ids[:-1]]))
+    ce = F.cross_entropy(logits[0].double(), torch.tensor(ids[1:]))
+    assert E.perplexity(model, text)["loss"] == pytest.approx(float(ce), rel=1e-5)
+
+
+def greedy_by_hand(model, ctx, n):
+    out = []
+    for _ in range(n):
+        out.append(int(logprobs_next(model, ctx + out).argmax()))
+    return out
+
+
+def test_score_continuations_by_hand(model):
+    tok = get_tokenizer()
+    ctx = tok.encode("And the earth was")
+    greedy = greedy_by_hand(model, ctx, 3)
+    other = [(greedy[0] + 1) % 50257] + greedy[1:]
+    res = E.score_continuations(model, [(ctx, greedy), (ctx, other), (ctx[:2], greedy[:1])], batch_size=2)
+    assert [g for _, g in res] == [True, False, greedy_by_hand(model, ctx[:2], 1) == greedy[:1]]
+    for (nll, _), cont in zip(res[:2], (greedy, other)):
+        want = -sum(float(logprobs_next(model, ctx + cont[:j])[cont[j]]) for j in range(len(cont)))
+        assert nll == pytest.approx(want, rel=1e-5)
+
+
+def test_lambada_and_choice_by_hand(model, tmp_path):
+    tok = get_tokenizer()
+    passages = ["And God called the light Day", "the evening and the morning were the first day",
+                "And God saw the light, that it was good"]
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))
+    nlls, hits = [], 0
+    for p in passages:
+        ctx, word = p.rsplit(" ", 1)
+        c, t = tok.encode(ctx), tok.encode(" " + word)
+        hits += greedy_by_hand(model, c, len(t)) == t
+        nlls.append(-sum(float(logprobs_next(model, c + t[:j])[t[j]]) for j in range(len(t))))
+    got = E.lambada(model, str(path), batch_size=2)
+    assert got["n"] == 3 and got["acc"] == hits / 3
+    assert got["ppl"] == pytest.approx(math.exp(sum(nlls) / 3), rel=1e-5)
+
+    rows = [{"context": "And God said", "choices": [" Let", " banana", " the"], "label": 0},
+            {"context": "In the", "choices": [" beginning", " end"], "label": 1}]
+    cpath = tmp_path / "choice.jsonl"
+    cpath.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    correct = 0
+    for r in rows:
+        c = tok.encode(r["context"])
+        scores = []
+        for ch in r["choices"]:
+            t = tok.encode(ch)
+            scores.append(-sum(float(logprobs_next(model, c + t[:j])[t[j]]) for j in range(len(t))))
+        correct += min(range(len(scores)), key=scores.__getitem__) == r["label"]
+    assert E.run_task(model, "choice", str(cpath))["acc"] == correct / 2
+
+
+def test_eval_bad_input(model, tmp_path):
+    with pytest.raises(ValueError, match="stride must be in"):
+        E.perplexity(model, TEXT, max_length=8, stride=9)
+    with pytest.raises(ValueError, match=r"max_length must be in \[2, block_size=16\]"):
+        E.perplexity(model, TEXT, max_length=17)
+    with pytest.raises(ValueError, match="every token is scored"):
+        E.perplexity(model, TEXT, max_length=8, stride=8)
+    with pytest.raises(FileNotFoundError):
+        E.lambada(model, str(tmp_path / "none.jsonl"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"passage": "x y"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected fields \['text'\]"):
+        E.lambada(model, str(bad))
+    with pytest.raises(ValueError, match="unknown task"):
+        E.run_task(model, "hellaswag", str(bad))
