@@ -224,10 +224,50 @@ def choice(model, path: str, batch_size: int = 16, limit: Optional[int] = None,
     return {"acc": correct / len(rows), "n": len(rows)}
 
 
+# ---------------------------------------------------------------------------------------------
+# de-tokenizers: the GPT-2 paper scores WikiText and PTB after undoing their tokenization
+# ("invertible de-tokenizers", section 3.1); these follow the rules lm-evaluation-harness uses.
+# ---------------------------------------------------------------------------------------------
+
+def detokenize_wikitext(text: str) -> str:
+    """WikiText's ' @-@ ', ' , ', ' ( x ) ', '= = Heading = =' ... back to ordinary text."""
+    import re
+    s = text.replace("s '", "s'")
+    s = re.sub(r"/' [0-9]/", r"/'[0-9]/", s)
+    for a, b in ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."), (" : ", ": "), (" ; ", "; "),
+                 (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", ")):
+        s = s.replace(a, b)
+    s = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", s)
+    s = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", s)
+    s = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", s)
+    s = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', s)
+    s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
+    s = s.replace("= = = =", "====").replace("= = =", "===").replace("= =", "==")
+    s = s.replace(" " + chr(176) + " ", chr(176)).replace(" \n", "\n").replace("\n ", "\n")
+    s = s.replace(" N ", " 1 ").replace(" 's", "'s")
+    return s
+
+
+def detokenize_ptb(text: str) -> str:
+    """Penn Treebank (Mikolov's version): contractions and punctuation re-attached; '<unk>'
+    and 'N' (a number) are left as the paper's evaluation leaves them."""
+    s = text
+    for a, b in ((" 's", "'s"), (" n't", "n't"), (" 're", "'re"), (" 've", "'ve"), (" 'll", "'ll"),
+                 (" 'd", "'d"), (" 'm", "'m"), (" , ", ", "), (" . ", ". "), (" \n", "\n"),
+                 ("$ ", "$"), (" %", "%"), (" & ", "&"), (" ;", ";"), (" :", ":")):
+        s = s.replace(a, b)
+    return s
+
+
+DETOKENIZERS = {"none": lambda s: s, "wikitext": detokenize_wikitext, "ptb": detokenize_ptb}
+
+
 def ppl_file(model, path: str, max_length: Optional[int] = None, stride: Optional[int] = None,
-             batch_size: int = 8, limit: Optional[int] = None) -> dict:
+             batch_size: int = 8, limit: Optional[int] = None, detok: str = "none") -> dict:
     from .data import _read_text
-    text = _read_text(path)
+    if detok not in DETOKENIZERS:
+        raise ValueError(f"detok must be one of {sorted(DETOKENIZERS)}, got {detok!r}")
+    text = DETOKENIZERS[detok](_read_text(path))
     if not text.strip():
         raise ValueError(f"{path}: the file is empty")
     return perplexity(model, text[:limit] if limit else text, max_length, stride, batch_size)
@@ -257,6 +297,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"a harness task on a data file, e.g. choice:cbt_cn.jsonl ({', '.join(TASKS)})")
     p.add_argument("--max-length", type=int, default=None, help="perplexity window (default block_size)")
     p.add_argument("--stride", type=int, default=None, help="perplexity stride (default max_length/2)")
+    p.add_argument("--detok", default="none", choices=["none", "wikitext", "ptb"],
+                   help="de-tokenize --ppl text first, as the GPT-2 paper does (docs/EVAL.md)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="first N examples (or characters for ppl)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -276,7 +318,7 @@ def run(args) -> int:
     for name, path in jobs:
         opts = {"batch_size": args.batch_size, "limit": args.limit}
         if name == "ppl":
-            opts.update(max_length=args.max_length, stride=args.stride)
+            opts.update(max_length=args.max_length, stride=args.stride, detok=args.detok)
         r = run_task(model, name, path, **opts)
         results.append({"task": name, "file": path, **r})
         shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items())

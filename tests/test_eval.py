@@ -118,3 +118,9 @@ def test_eval_bad_input(model, tmp_path):
         E.lambada(model, str(bad))
     with pytest.raises(ValueError, match="unknown task"):
         E.run_task(model, "hellaswag", str(bad))
+
+
+def test_detokenizers():
+    wiki = " = = Gameplay = = \n The game @-@ play , which ( as noted ) cost 1 @,@ 000 , was \" fun \" ."
+    assert E.detokenize_wikitext(wiki) == ' == Gameplay ==\nThe game-play, which (as noted) cost 1,000, was "fun" .'
+    assert E.detokenize_ptb("it does n't rise N % , he 's sure . \n") == "it doesn't rise N%, he's sure.\n"
