@@ -24,6 +24,7 @@ the cache, the weights and the step buffers: the engine re-captures when any of 
 """
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ class Engine:
         with torch.inference_mode(False):  # normal tensors: the model stays usable outside inference mode
             if not ok:
                 m.setup_cache(max(bucket, m.max_batch_size), max(cache_len, m.max_seq_len), dtype=dtype)
-            identity = (tuple(p.data_ptr() for p in m.parameters()),
+            identity = (tuple(t.data_ptr() for t in itertools.chain(m.parameters(), m.buffers())),
                         tuple(b.attn.kv_cache.k_cache.data_ptr() for b in m.transformer.h),
                         tuple(getattr(b, "backend", None) for b in m.modules()), dtype, str(self.device))
             if identity != self._identity:  # new weights, cache or backend: old graphs are stale
