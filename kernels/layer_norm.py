@@ -158,7 +158,8 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
 def layer_norm_bwd(dy: Tensor, ds: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
                    mean: Tensor, rstd: Tensor, need_dw: bool, need_db: bool
                    ) -> tuple[Tensor, Tensor, Tensor]:
-    """-> (dx (M, N), dw (N,) or empty, db (N,) or empty); x is the normalized input (s if fused)."""
+    """-> (dx (M, N), dw (N,) in weight's dtype or empty, db (N,) fp32 or empty); x is the
+    normalized input (s when the residual add was fused)."""
     M, N = x.shape
     dx = poison.empty((M, N), dtype=x.dtype, device=x.device)
     BLOCK_M, BLOCK_N, num_warps = _block_sizes(N, 2048)
@@ -177,9 +178,8 @@ def layer_norm_bwd(dy: Tensor, ds: Optional[Tensor], x: Tensor, weight: Optional
         HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_DW=need_dw, HAS_DB=need_db,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
     )
-    wdtype = weight.dtype if weight is not None else x.dtype
-    dw = dw_part.sum(0).to(wdtype) if need_dw else dw_part
-    db = db_part.sum(0).to(wdtype) if need_db else db_part
+    dw = dw_part.sum(0).to(weight.dtype) if need_dw else dw_part
+    db = db_part.sum(0) if need_db else db_part  # fp32: the caller casts to bias's dtype
     return dx, dw, db
 
 
