@@ -168,6 +168,8 @@ def _attention_fwd_kernel(Q, K, V, O, LSE, Seed,
                           BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
+    if IS_CAUSAL:  # the last query blocks see the most keys: start them first (shorter tail)
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // H
     off_h = pid_bh % H
@@ -388,6 +390,8 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Seed,
                              BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, DOT_PREC: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
+    if IS_CAUSAL:  # the last query blocks see the most keys: start them first (shorter tail)
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1).to(tl.int64)
     off_b = pid_bh // H
     off_h = pid_bh % H
