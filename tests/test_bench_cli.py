@@ -73,6 +73,8 @@ def test_kernels_quick(results):
         assert math.isclose(r["value"], amount / (r["ms"] * 1e-3) / 1e9, rel_tol=1e-9)
         assert math.isclose(r["pct_ceiling"], 100 * r["value"] / data["ceilings"]["copy_gbps"], rel_tol=1e-9)
         assert r["max_err"] < 1e-4, f"{prov} {op} {mode} differs from the reference by {r['max_err']}"
+        torch_ms = rows[(op, mode, "torch")]["ms"]
+        assert math.isclose(r["speedup_vs_torch"], torch_ms / r["ms"], rel_tol=1e-9)
     assert rows[("add_layer_norm", "fwd", "torch")]["status"] == "ok"
     # reads x and the residual, writes s and y, fp32
     assert rows[("add_layer_norm", "fwd", "torch")]["work"] == 4 * 128 * 96 * 4
