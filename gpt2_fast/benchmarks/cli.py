@@ -3,7 +3,8 @@
 Every command prints a table, writes JSON (+ CSV and a PNG for kernels) stamped with the device,
 versions, git sha and date to --out (default: $OUT when set, else bench/results/), and measures
 its peers and ceilings in the same run. --quick (the default on CPU) uses tiny shapes and few
-iterations, and the output says plainly that the figures are CPU figures.
+iterations there, and the output says plainly that the figures are CPU figures; on CUDA it keeps
+the real shapes and shortens the timing.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ COMMANDS = {
 def _common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--quick", action="store_true", default=None,
-                   help="tiny shapes, few iterations (the default on CPU)")
+                   help="quick mode, the default on CPU: tiny shapes and few iterations there; "
+                        "on CUDA the real shapes with shorter timing and fewer steps")
     p.add_argument("--full", dest="quick", action="store_false",
                    help="the real shapes even on CPU (slow there)")
     p.add_argument("--out", default=None,
