@@ -532,9 +532,19 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: floa
 
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
                   dropout_p: float, scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward (preprocess, dK/dV, dQ). Returns dq, dk, dv in the inputs' dtype."""
+    """Launch the backward (preprocess, dK/dV, dQ). Returns dq, dk, dv in the inputs' dtype.
+
+    lse: the forward's (B, H, Tq) fp32 natural-log log-sum-exp (-inf for a query with no key);
+    the compiled extension's forward (gpt2_fast/extension.py) reuses this backward with its own."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
+    if lse.dtype != torch.float32 or tuple(lse.shape) != (B, H, Tq):
+        raise ValueError(f"attention_bwd: lse must be float32 of shape (B, H, Tq) = ({B}, {H}, {Tq}), "
+                         f"got {lse.dtype} {tuple(lse.shape)}")
+    if tuple(do.shape) != (B, H, Tq, D) or tuple(o.shape) != (B, H, Tq, D):
+        raise ValueError(f"attention_bwd: do and o must have q's shape {tuple(q.shape)}, got "
+                         f"{tuple(do.shape)} and {tuple(o.shape)}")
+    lse = lse.contiguous()  # the kernels index it as (B*H, Tq)
     dq = _bthd_empty(B, H, Tq, D, q.dtype, q.device)
     dk = _bthd_empty(B, H, Tk, D, k.dtype, k.device)
     dv = _bthd_empty(B, H, Tk, D, v.dtype, v.device)
