@@ -85,17 +85,18 @@ def _bias_gelu_bwd_kernel(
 # host launchers (registered ops; x, dy are (M, N) with unit column stride)
 # ---------------------------------------------------------------------------------------------
 
-def _block_sizes(N: int) -> tuple[int, int, int]:
+def _block_sizes(N: int, per_thread: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): 4096-element tiles, ~`per_thread` elements per thread."""
     BLOCK_N = min(1024, triton.next_power_of_2(N))
     BLOCK_M = max(1, 4096 // BLOCK_N)
-    return BLOCK_M, BLOCK_N, 8 if BLOCK_M * BLOCK_N >= 4096 else 4
+    return BLOCK_M, BLOCK_N, min(16, max(1, BLOCK_M * BLOCK_N // (32 * per_thread)))
 
 
 @triton_op("bias_gelu_fwd", mutates_args=())
 def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor]) -> Tensor:
     M, N = x.shape
     y = poison.empty((M, N), dtype=x.dtype, device=x.device)
-    BLOCK_M, BLOCK_N, num_warps = _block_sizes(N)
+    BLOCK_M, BLOCK_N, num_warps = _block_sizes(N, 16)
     launch(_bias_gelu_fwd_kernel)[(triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))](
         x, bias if bias is not None else x, y, x.stride(0), y.stride(0), M, N,
         HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
@@ -108,7 +109,7 @@ def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_db: bool) 
     """-> (dx (M, N), dbias (N,) in bias's dtype, or an empty tensor when not needed)."""
     M, N = x.shape
     dx = poison.empty((M, N), dtype=x.dtype, device=x.device)
-    BLOCK_M, BLOCK_N, num_warps = _block_sizes(N)
+    BLOCK_M, BLOCK_N, num_warps = _block_sizes(N, 8)
     col_blocks = triton.cdiv(N, BLOCK_N)
     tiles = triton.cdiv(M, BLOCK_M)
     # enough programs to fill the machine, each walking a contiguous range of row tiles

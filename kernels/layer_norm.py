@@ -86,8 +86,8 @@ def _layer_norm_bwd_kernel(
     col_mask = cols < N
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for i in range(0, tiles_per_program):
         tile = pid.to(tl.int64) * tiles_per_program + i
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -109,24 +109,25 @@ def _layer_norm_bwd_kernel(
             dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_DW:
-            dw_acc += dy * xhat
+            dw_acc += tl.sum(dy * xhat, axis=0)
         if HAS_DB:
-            db_acc += dy
+            db_acc += tl.sum(dy, axis=0)
     if HAS_DW:
-        tl.store(DW + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_mask)
+        tl.store(DW + pid * N + cols, dw_acc, mask=col_mask)
     if HAS_DB:
-        tl.store(DB + pid * N + cols, tl.sum(db_acc, axis=0), mask=col_mask)
+        tl.store(DB + pid * N + cols, db_acc, mask=col_mask)
 
 
 # ---------------------------------------------------------------------------------------------
 # host launchers (registered ops; inputs already 2D (M, N) with unit column stride)
 # ---------------------------------------------------------------------------------------------
 
-def _block_sizes(N: int, elements: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): whole rows, ~`elements` elements per program."""
+def _block_sizes(N: int, elements: int, per_thread: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): whole rows, ~`elements` elements per program and
+    ~`per_thread` of them per thread (the backward keeps more live per element)."""
     BLOCK_N = triton.next_power_of_2(N)
     BLOCK_M = max(1, min(16, elements // BLOCK_N))
-    num_warps = min(16, max(1, BLOCK_M * BLOCK_N // 512))
+    num_warps = min(16, max(1, BLOCK_M * BLOCK_N // (32 * per_thread)))
     return BLOCK_M, BLOCK_N, num_warps
 
 
@@ -142,7 +143,7 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
     s = poison.empty((M, N) if residual is not None else _EMPTY, dtype=x.dtype, device=x.device)
     mean = poison.empty((M,), dtype=torch.float32, device=x.device)
     rstd = poison.empty((M,), dtype=torch.float32, device=x.device)
-    BLOCK_M, BLOCK_N, num_warps = _block_sizes(N, 4096)
+    BLOCK_M, BLOCK_N, num_warps = _block_sizes(N, 4096, 16)
     r = residual if residual is not None else x
     launch(_layer_norm_fwd_kernel)[(triton.cdiv(M, BLOCK_M),)](
         x, r, s, y, weight if weight is not None else x, bias if bias is not None else x, mean, rstd,
@@ -162,7 +163,7 @@ def layer_norm_bwd(dy: Tensor, ds: Optional[Tensor], x: Tensor, weight: Optional
     normalized input (s when the residual add was fused)."""
     M, N = x.shape
     dx = poison.empty((M, N), dtype=x.dtype, device=x.device)
-    BLOCK_M, BLOCK_N, num_warps = _block_sizes(N, 2048)
+    BLOCK_M, BLOCK_N, num_warps = _block_sizes(N, 2048, 8)
     tiles = triton.cdiv(M, BLOCK_M)
     programs = max(1, min(tiles, num_programs(x.device, per_sm=8)))
     tiles_per_program = triton.cdiv(tiles, programs)
