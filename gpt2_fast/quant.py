@@ -70,6 +70,14 @@ class Int8Linear(nn.Module):
             m.bias.data.copy_(linear.bias.detach())
         return m
 
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) converts the bias but keeps the scales fp32 (a bf16 scale would be a
+        0.4% per-channel error) and the weight int8; device moves apply to all."""
+        scale = self.scale
+        super()._apply(fn, recurse)
+        self.scale = scale.to(device=self.scale.device, dtype=torch.float32)
+        return self
+
     @property
     def weight(self) -> Tensor:
         """The dequantized (out, in) weight, for code that needs a dense one (slow path)."""
@@ -87,7 +95,7 @@ class Int8Linear(nn.Module):
             return self.kernel == "triton"
         return x.is_cuda and rows <= TRITON_MAX_ROWS and _triton_kernel() is not None
 
-    def _apply(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+    def _linear(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear expected inputs with last dim {self.in_features}, "
                              f"got {tuple(x.shape)}")
@@ -102,10 +110,10 @@ class Int8Linear(nn.Module):
 
     def matmul(self, x: Tensor) -> Tensor:
         """x @ (W_q * s)^T without the bias (model.matmul_no_bias uses this)."""
-        return self._apply(x, None)
+        return self._linear(x, None)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._apply(x, self.bias)
+        return self._linear(x, self.bias)
 
 
 def quantize_int8(model, lm_head: bool = True, bits: int = 8):

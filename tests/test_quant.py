@@ -76,6 +76,22 @@ def test_triton_path_inside_the_layer():
     torch.testing.assert_close(m.matmul(x), a - lin.bias, atol=1e-5, rtol=1e-5)
 
 
+def test_model_to_dtype_keeps_int8_weights_and_fp32_scales():
+    lin = torch.nn.Linear(64, 48)
+    m = Int8Linear.from_linear(lin)
+    x = torch.randn(3, 64)
+    ref = m(x)
+    m.to(torch.bfloat16)
+    assert m.weight_int8.dtype == torch.int8 and m.scale.dtype == torch.float32
+    assert m.bias.dtype == torch.bfloat16
+    y = m(x.to(torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, atol=0.05, rtol=0.02)
+    m64 = Int8Linear.from_linear(lin).to(torch.float64)
+    assert m64.scale.dtype == torch.float32 and m64.bias.dtype == torch.float64
+    torch.testing.assert_close(m64(x.double()), ref.double(), atol=1e-5, rtol=1e-5)
+
+
 def test_int8_linear_bad_inputs():
     with pytest.raises(ValueError, match="2-D float weight"):
         quantize_weight(torch.zeros(3, dtype=torch.int32))
