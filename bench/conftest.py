@@ -26,7 +26,7 @@ def ceilings(request):
     from gpt2_fast.benchmarks.kernels import pytest_params
     device, quick, _ = pytest_params(())
     c = common.measure_ceilings(device, quick=quick)
-    c["stamp"] = common.stamp(device)
+    c["stamp"] = common.stamp(device, quick)
     return c
 
 
@@ -34,4 +34,4 @@ def pytest_report_header(config):
     from gpt2_fast.benchmarks.kernels import pytest_params
     device, quick, _ = pytest_params(())
     line = f"gpt2_fast bench: {common.device_name(device)}, quick={quick}"
-    return [line + (f"; {common.CPU_NOTE}" if device.type == "cpu" else "")]
+    return [line + (f"; {common.cpu_note(quick)}" if device.type == "cpu" else "")]

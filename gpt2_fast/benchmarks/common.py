@@ -35,6 +35,11 @@ import torch
 from ..atomic import atomic_write
 
 CPU_NOTE = "CPU figures: tiny shapes, few iterations; they say nothing about GPU speed"
+CPU_NOTE_FULL = "CPU figures (real shapes); they say nothing about GPU speed"
+
+
+def cpu_note(quick: bool) -> str:
+    return CPU_NOTE if quick else CPU_NOTE_FULL
 
 # Dense bf16 tensor-core peaks from the vendors' datasheets (TFLOP/s, no sparsity).
 DATASHEET_BF16_TFLOPS = (
@@ -249,7 +254,7 @@ def git_sha() -> str:
         return "unknown"
 
 
-def stamp(device: torch.device) -> dict:
+def stamp(device: torch.device, quick: bool = True) -> dict:
     """Device, versions, git sha and date: written into every result file."""
     s = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -271,7 +276,7 @@ def stamp(device: torch.device) -> dict:
         s.update(sm=f"{p.major}{p.minor}", gpu_memory_gb=round(p.total_memory / 1e9, 1),
                  cudnn=torch.backends.cudnn.version())
     else:
-        s["note"] = CPU_NOTE
+        s["note"] = cpu_note(quick)
     return s
 
 

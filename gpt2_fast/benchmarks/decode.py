@@ -345,7 +345,7 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
         raise ValueError(f"--peers must be a comma list of {', '.join(PEERS)}; got {args.peers!r}")
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    st = common.stamp(device)
+    st = common.stamp(device, quick)
     print(common.stamp_line(st), flush=True)
     model, source = load_model(spec, device, dtype)
     cfg = model.config
@@ -398,7 +398,7 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
         if r["status"] != "ok":
             print(f"skipped {r['peer']}: {r['reason']}")
     if device.type == "cpu":
-        print(f"\n{common.CPU_NOTE.upper()}")
+        print(f"\n{st['note'].upper()}")
     if args.profile:
         result["profile"] = _profile(model, prompt, N, device, out_dir, st)
     if json_path:

@@ -545,7 +545,7 @@ def run(args, device: torch.device, out_dir: str) -> dict:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     allow_compile = not (quick and device.type == "cpu") or args.compile
 
-    st = common.stamp(device)
+    st = common.stamp(device, quick)
     print(common.stamp_line(st), flush=True)
     ceilings = common.measure_ceilings(device, quick=quick)
     print("ceilings (measured now): " + ", ".join(f"{k} {common.fmt(v)}" for k, v in ceilings.items()),
@@ -578,7 +578,7 @@ def run(args, device: torch.device, out_dir: str) -> dict:
         for (prov, reason), ops_skipped in sorted(skipped.items()):
             print(f"  {prov:14s} {', '.join(sorted(ops_skipped))}: {reason}")
     if device.type == "cpu":
-        print(f"\n{common.CPU_NOTE.upper()}")
+        print(f"\n{st['note'].upper()}")
 
     paths = {}
     if out_dir:

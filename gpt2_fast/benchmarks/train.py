@@ -153,7 +153,7 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
     if bad or not peers:
         raise ValueError(f"--peers must be a comma list of {', '.join(PEERS)}; got {args.peers!r}")
 
-    st = common.stamp(device)
+    st = common.stamp(device, quick)
     print(common.stamp_line(st), flush=True)
     print(f"model {spec} ({cfg.n_layer} layers x {cfg.n_embd}, random weights), batch {batch} x seq {seq}, "
           f"{steps} timed steps after {warmup} warm-up, "
@@ -200,7 +200,7 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
         if r["status"] != "ok":
             print(f"skipped {r['peer']}: {r['reason']}")
     if device.type == "cpu":
-        print(f"\n{common.CPU_NOTE.upper()}")
+        print(f"\n{st['note'].upper()}")
     if json_path:
         path = common.write_json(json_path, result)
         result["paths"] = {"json": path}
