@@ -63,14 +63,14 @@ def main() -> int:
         loss.backward()
         opts["gpt2_fast"].step()
         opts["gpt2_fast"].zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     def step_hf():
         loss = hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # T inputs; HF shifts inside (T-1 predictions)
         loss.backward()
         opts["hf"].step()
         opts["hf"].zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     steps = {"gpt2_fast": step_ours, "hf": step_hf}
     first = {k: fn() for k, fn in steps.items()}  # warm-up; same weights, so nearly the same first loss

@@ -368,8 +368,9 @@ def train(cfg: TrainConfig) -> dict:
                 raise ValueError(f"cannot resume {path} with a different configuration ("
                                  + "; ".join(diff) + "); use the checkpoint's settings, or start a new "
                                  "run (fine-tune from it with init_from=" + path + ")")
-    torch.manual_seed(cfg.seed + d.rank)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 shards them as they are)
     model = _build_model(cfg, resume_state)
+    torch.manual_seed(cfg.seed + d.rank)  # then per-rank streams (dropout)
     mc = model.config
     if cfg.block_size is not None and cfg.block_size > mc.block_size:
         raise ValueError(f"block_size {cfg.block_size} is larger than the model's block_size {mc.block_size}")
@@ -522,12 +523,14 @@ def train(cfg: TrainConfig) -> dict:
                 text = sample_text(raw, cfg, step)
                 log.log({"kind": "sample", "step": step, "text": text})
                 (bar.write if bar is not None else print)(f"[step {step} sample] {text!r}")
+            # stop on a signal or at the time budget; under DDP every rank must agree
             signum = stop.signum
+            out_of_time = bool(cfg.max_seconds) and time.perf_counter() - t_loop > cfg.max_seconds
             if d.enabled:
-                flag = torch.tensor(float(signum), device=device)
+                flags = torch.tensor([float(signum), float(out_of_time)], device=device)
                 import torch.distributed as dist
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                signum = int(flag)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                signum, out_of_time = int(flags[0]), bool(flags[1])
             if signum:
                 ckpt_path = save()
                 if bar is not None:
@@ -541,13 +544,13 @@ def train(cfg: TrainConfig) -> dict:
                         "checkpoint": ckpt_path, "history": history, "interrupted": signum}
             if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < stop_at:
                 ckpt_path = save()
-            t_last = time.perf_counter()  # tokens/s counts the steps, not evals / samples / saves
-            if cfg.max_seconds and t_last - t_loop > cfg.max_seconds:
-                out_of_time = True
+            if out_of_time and step < stop_at:
                 if d.master:
                     (bar.write if bar is not None else print)(
                         f"gpt2-fast train: time budget of {cfg.max_seconds:.0f} s reached at step {step}")
                 break
+            out_of_time = False
+            t_last = time.perf_counter()  # tokens/s counts the steps, not evals / samples / saves
     if bar is not None:
         bar.close()
     if step >= cfg.max_steps or out_of_time:

@@ -32,15 +32,19 @@ def _losses(out_dir):
     return [r["loss"] for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if r["kind"] == "train"]
 
 
-def test_two_gloo_ranks_match_one_process(corpus, tmp_path):
-    single = train(TrainConfig(**COMMON, batch_size=4, data=corpus, out_dir=str(tmp_path / "single")))
+def _torchrun(corpus, out, *extra):
     args = [f"--{k}={v}" for k, v in COMMON.items()] + ["--batch_size=2", f"--data={corpus}",
-                                                        f"--out_dir={tmp_path / 'ddp'}"]
+                                                        f"--out_dir={out}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GPT2_FAST_POISON": "0"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "-m", "gpt2_fast.train", "gpt2", *args], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_gloo_ranks_match_one_process(corpus, tmp_path):
+    single = train(TrainConfig(**COMMON, batch_size=4, data=corpus, out_dir=str(tmp_path / "single")))
+    _torchrun(corpus, tmp_path / "ddp")
     a, b = _losses(tmp_path / "single"), _losses(tmp_path / "ddp")
     assert len(a) == len(b) == 5
     assert b == pytest.approx(a, rel=1e-5, abs=1e-5)
@@ -53,3 +57,19 @@ def test_two_gloo_ranks_match_one_process(corpus, tmp_path):
         assert (wb["model"][k] - v).abs().mean() < 1e-6, k
     # only rank 0 wrote: one log, one checkpoint
     assert sorted(os.listdir(tmp_path / "ddp")) == ["ckpt_00000005.pt", "config.json", "log.jsonl"]
+
+
+@pytest.mark.slow
+def test_fsdp2_matches_one_process_and_resumes(corpus, tmp_path):
+    """--fsdp (FSDP2 fully_shard, gloo on CPU): same loss curve as one process; a run stopped at
+    step 2 and resumed (full state dicts gathered to rank 0) ends where the straight run ends."""
+    train(TrainConfig(**COMMON, batch_size=4, data=corpus, out_dir=str(tmp_path / "single")))
+    _torchrun(corpus, tmp_path / "fsdp", "--fsdp")
+    a, b = _losses(tmp_path / "single"), _losses(tmp_path / "fsdp")
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-5)
+    _torchrun(corpus, tmp_path / "part", "--fsdp", "--max_steps_this_run=2")
+    _torchrun(corpus, tmp_path / "part", "--fsdp", "--resume=auto")
+    wa = load_checkpoint(str(tmp_path / "fsdp" / "ckpt_00000005.pt"))["model"]
+    wb = load_checkpoint(str(tmp_path / "part" / "ckpt_00000005.pt"))["model"]
+    for k, v in wa.items():
+        torch.testing.assert_close(wb[k], v, rtol=1e-4, atol=1e-5, msg=k)
