@@ -3,8 +3,9 @@ the big one verifies, and the output is the big model's own greedy continuation.
 
 One round, with n tokens committed (prompt + generated) and the last one not yet in the target's
 cache:
-  draft    feeds the committed tokens it has not seen (1, or 2 after a round where all drafts
-           were accepted), then its own guesses, k forwards of one token: d_1 .. d_k.
+  draft    k one-token steps from the last committed token: d_1 .. d_k. They run on the draft
+           engine's static step buffers, so on GPU each is a CUDA-graph replay. (After a round
+           that accepted every draft, d_k is first fed to the draft's cache.)
   verify   the target runs ONE forward over [last, d_1 .. d_k]: Tq = k + 1 queries at cache slots
            n-1 .. n-1+k (ops.decode_attention handles Tq > 1), giving its greedy choices
            g_0 .. g_k, where g_i is what it would emit after d_1 .. d_i.
@@ -25,7 +26,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .engine import get_engine
+from .engine import SamplingMode, get_engine
 from .generate import GenerationResult, Prompt, encode_prompts
 from .tokenizer import EOT_TOKEN, Tokenizer, get_tokenizer
 
@@ -72,9 +73,16 @@ def speculative_generate_ids(target, draft, prompt_ids: list[int], max_new_token
         return
     device = target.transformer.wte.weight.device
     # Highest slot ever written: (T + max_new_tokens - 1) - 1, since a round never drafts past
-    # the tokens still wanted. The engines own the caches (and re-capture graphs if they move).
-    for m in (target, draft):
-        get_engine(m)._prepare(1, T + max_new_tokens - 1)
+    # the tokens still wanted. The engines own the caches (and re-capture graphs if they move);
+    # the draft's one-token steps run on its engine's static buffers (a CUDA graph on GPU).
+    needed = T + max_new_tokens - 1
+    get_engine(target)._prepare(1, needed)
+    draft_engine = get_engine(draft)
+    dbuf = draft_engine._prepare(1, needed)
+    greedy = SamplingMode.make(0, None, None, V)
+    dbuf.stop.fill_(False)
+    dbuf.done.fill_(False)
+    dbuf.kv_start.zero_()
     if stats is None:
         stats = {}
     stats.update(rounds=0, drafted=0, accepted=0)
@@ -89,10 +97,9 @@ def speculative_generate_ids(target, draft, prompt_ids: list[int], max_new_token
     t0 = time.perf_counter()
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     first = int(forward(target, prompt, 0)[-1].argmax())
-    if T > 1:  # the draft's cache gets the prompt but its last token (fed with the first round)
-        forward(draft, prompt[:-1], 0)
+    forward(draft, prompt, 0)
     seq = list(prompt_ids) + [first]      # committed tokens; the last one is in neither cache yet
-    draft_fed = T - 1                      # draft cache holds slots [0, draft_fed)
+    draft_fed = T                          # the draft's cache holds slots [0, draft_fed)
     stats["ttft_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     yield [first]
@@ -100,15 +107,16 @@ def speculative_generate_ids(target, draft, prompt_ids: list[int], max_new_token
     while produced < max_new_tokens and not (stop_at_eot and seq[-1] == EOT_TOKEN):
         n = len(seq)
         k_eff = min(k, max_new_tokens - produced - 1)
-        seq_dev = torch.tensor(seq[draft_fed:], dtype=torch.long, device=device)
-        drafts = []
         if k_eff > 0:
-            d = forward(draft, seq_dev, draft_fed)[-1].argmax(-1, keepdim=True)     # (1,)
-            drafts.append(d)
-            for i in range(1, k_eff):
-                d = forward(draft, d, n - 1 + i)[-1].argmax(-1, keepdim=True)
-                drafts.append(d)
-        proposal = torch.cat([seq_dev[-1:]] + drafts)                              # (k_eff + 1,)
+            if draft_fed < n - 1:  # after a round that accepted every draft: feed the last draft
+                forward(draft, torch.tensor(seq[draft_fed:n - 1], device=device), draft_fed)
+            dbuf.seq[0, n - 1] = seq[-1]
+            dbuf.pos.fill_(n - 1)
+            for i in range(k_eff):  # d_i lands in dbuf.seq[0, n - 1 + i]
+                draft_engine.run_step(dbuf, greedy, live=n + i)
+            proposal = dbuf.seq[0, n - 1:n + k_eff]                                 # (k_eff + 1,)
+        else:
+            proposal = torch.tensor(seq[-1:], device=device)
         g = forward(target, proposal, n - 1, only_last=False).argmax(-1)           # (k_eff + 1,)
         agree = (proposal[1:] == g[:-1]).to(torch.long).cumprod(0).sum(0, keepdim=True)
         host = torch.cat([proposal, g, agree]).tolist()                             # the one sync
@@ -117,7 +125,8 @@ def speculative_generate_ids(target, draft, prompt_ids: list[int], max_new_token
         stats["rounds"] += 1
         stats["drafted"] += k_eff
         stats["accepted"] += a
-        draft_fed = n + min(a, k_eff - 1) if k_eff > 0 else draft_fed
+        if k_eff > 0:
+            draft_fed = n + min(a, k_eff - 1)
         if stop_at_eot and EOT_TOKEN in new:
             new = new[:new.index(EOT_TOKEN) + 1]
         seq += new
