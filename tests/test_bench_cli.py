@@ -34,7 +34,7 @@ def results(tmp_path_factory):
         "kernels": ["kernels", "--ops", "add_layer_norm", "--modes", "fwd,bwd",
                     "--providers", "torch,torch-native,compile,liger,triton,cuda,sdpa-math"],
         "decode": ["decode", "--prompt-len", "8", "--new-tokens", "5"],
-        "train": ["train", "--batch", "1", "--seq", "16", "--steps", "2", "--warmup", "1",
+        "train": ["train", "--batch", "1", "--seq", "16", "--steps", "1", "--warmup", "1",
                   "--peers", "ours,torch-eager,hf,torch-compile"],
     }.items():
         buf = io.StringIO()
