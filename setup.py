@@ -42,7 +42,7 @@ setup(
     name="gpt2_fast",
     version="0.1.0",
     description="GPT-2 with fused Triton and CUDA kernels: train and serve fast on one GPU, run anywhere",
-    packages=["gpt2_fast", "gpt2_fast.kernels"],
+    packages=["gpt2_fast", "gpt2_fast.kernels", "gpt2_fast.benchmarks"],
     package_dir={"gpt2_fast": "gpt2_fast", "gpt2_fast.kernels": "kernels"},
     package_data={"gpt2_fast": ["data/*", "csrc/**/*"]},
     python_requires=">=3.10",
