@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import types
 from typing import Callable, Optional
 
 import torch
@@ -87,7 +88,10 @@ def _lookup(mod, name: str, op: str, device_type: str) -> Optional[Callable]:
     supports = getattr(mod, "supports", None)
     if supports is not None and not supports(op, device_type):
         return None
-    return getattr(mod, op, None)
+    fn = getattr(mod, op, None)
+    if isinstance(fn, types.ModuleType):  # kernels/<op>.py, once imported, shadows its function <op>
+        fn = getattr(fn, op, None)
+    return fn
 
 
 def backend_status(device_type: str) -> dict:
