@@ -1,7 +1,7 @@
 // The one registration point of gpt2_fast._C: the torch.library namespace `gpt2_fast` (schemas,
 // CPU and CUDA implementations) and a small pybind11 module for build information.
 // Fake (meta) implementations and autograd live in Python: gpt2_fast/extension.py.
-#include <torch/extension.h>
+#include <pybind11/pybind11.h>  // PYBIND11_MODULE; lighter than <torch/extension.h>
 #include <torch/library.h>
 
 #include "common.h"

@@ -9,7 +9,7 @@
 #include <optional>
 #include <tuple>
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 namespace gpt2_fast {
 
