@@ -19,6 +19,13 @@ Design (gpt-fast style, with everything a step needs living in static buffers):
   host      reads tokens only to stream them; checks "every row finished?" every `sync_every`
             steps (1 on CPU, where it is free; 8 on CUDA).
 
+CPU layout: MKL's batch-1 GEMV reads an (in, out)-major weight 1.5-1.9x faster than the
+(out, in)-major one nn.Linear keeps (bench: F.linear(x, W) 2.0 ms vs x @ W^T-stored 1.1 ms for
+768x3072, 41 vs 28 ms for the LM head, one thread, this 2-core box). So on CPU the engine
+re-lays the model's 2-D Linear weights and the tied embedding in place as transposed storage, the
+layout HF's Conv1D uses: same shapes, same values, the parameters become non-contiguous views.
+`Engine(model, cpu_layout=False)` leaves them alone.
+
 The cache is the model's static KV cache (GPT.setup_cache). A graph remembers the addresses of
 the cache, the weights and the step buffers: the engine re-captures when any of them changes.
 """
@@ -143,16 +150,33 @@ def _check_model(model) -> None:
         raise TypeError(f"expected a gpt2_fast GPT model, got {type(model).__name__}")
 
 
+def relayout_for_cpu_decode(model) -> int:
+    """Store every 2-D nn.Linear / token-embedding weight (in, out)-major, in place (the tensor
+    keeps its (out, in) shape as a transposed view). Returns how many were changed."""
+    changed = 0
+    with torch.no_grad():
+        for mod in model.modules():
+            if mod is getattr(model.transformer, "wpe", None):
+                continue  # positions are gathered row by row and have no GEMV
+            w = getattr(mod, "weight", None)
+            if isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)) and isinstance(w, torch.Tensor) \
+                    and w.dim() == 2 and w.device.type == "cpu" and w.is_contiguous() and w.shape[1] > 1:
+                w.data = w.data.t().contiguous().t()
+                changed += 1
+    return changed
+
+
 class Engine:
     """Fast generation for one GPT model (the model's weights are used in place, never copied).
 
     cuda_graph: None = on when the model is on CUDA. max_seq_len: the KV cache length on CUDA
     (default block_size: one cache, graphs reused across calls); on CPU the cache grows to what a
-    call needs. sync_every: how often the host checks whether every row finished.
+    call needs. sync_every: how often the host checks whether every row finished. cpu_layout:
+    re-lay CPU weights for batch-1 GEMV (see the module docstring).
     """
 
     def __init__(self, model, cuda_graph: Optional[bool] = None, max_seq_len: Optional[int] = None,
-                 sync_every: Optional[int] = None):
+                 sync_every: Optional[int] = None, cpu_layout: bool = True):
         _check_model(model)
         self.model = model
         self.device = model.transformer.wte.weight.device
@@ -166,6 +190,7 @@ class Engine:
             raise ValueError(f"max_seq_len must be in [1, block_size={bs}], got {max_seq_len}")
         self.max_seq_len = max_seq_len
         self.sync_every = sync_every or (8 if self.device.type == "cuda" else 1)
+        self.cpu_layout = cpu_layout
         self._buffers: dict[int, StepBuffers] = {}
         self._identity = None
         self._pool = None
@@ -186,6 +211,8 @@ class Engine:
         ok = (cache is not None and m.max_batch_size >= bucket and m.max_seq_len >= cache_len and
               cache.k_cache.dtype == dtype and cache.k_cache.device == self.device)
         with torch.inference_mode(False):  # normal tensors: the model stays usable outside inference mode
+            if self.cpu_layout and self.device.type == "cpu":
+                relayout_for_cpu_decode(m)
             if not ok:
                 m.setup_cache(max(bucket, m.max_batch_size), max(cache_len, m.max_seq_len), dtype=dtype)
             identity = (tuple(t.data_ptr() for t in itertools.chain(m.parameters(), m.buffers())),
@@ -330,10 +357,11 @@ def _sync(device: torch.device) -> None:
 
 def get_engine(model, **kwargs) -> Engine:
     """The model's engine, created on first use and kept with the model (its graphs and buffers
-    are reused by later calls); kwargs, when given, replace it with a new one."""
+    are reused by later calls); kwargs, when given, replace it with a new one, and so does moving
+    the model to another device."""
     _check_model(model)
     engine = model.__dict__.get("_gpt2_fast_engine")
-    if engine is None or kwargs:
+    if engine is None or kwargs or engine.device != model.transformer.wte.weight.device:
         engine = Engine(model, **kwargs)
         model.__dict__["_gpt2_fast_engine"] = engine
     return engine

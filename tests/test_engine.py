@@ -86,6 +86,24 @@ def test_ragged_batch_equals_each_row_alone(device):
         assert row == greedy_by_full_forward(model, p, 6)
 
 
+def test_cpu_layout_same_tokens_and_shapes():
+    a, b = make_model("cpu"), make_model("cpu")
+    prompts = random_prompts([4, 9], seed=11)
+    got_b = run(Engine(b, cpu_layout=False), prompts, 7)
+    assert all(p.is_contiguous() for p in b.parameters())
+    got_a = run(Engine(a), prompts, 7)
+    assert got_a == got_b
+    w = a.transformer.h[0].mlp.c_fc.weight
+    assert w.shape == (256, 64) and w.stride() == (1, 256)     # (in, out)-major storage
+    assert a.lm_head.weight is a.transformer.wte.weight        # still tied
+    assert a.transformer.wpe.weight.is_contiguous()
+    sd_a, sd_b = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sd_a[k], sd_b[k]) for k in sd_b)
+    logits_a, _ = a(torch.tensor(prompts[1:]))                   # plain forward still works
+    logits_b, _ = b(torch.tensor(prompts[1:]))
+    torch.testing.assert_close(logits_a, logits_b, atol=1e-4, rtol=1e-4)
+
+
 def test_unpadded_prefill_uses_attention_and_matches_padded(cpu_model):
     """The fresh prefill (causal flash attention) and the padded one (decode attention with
     kv_start) give the same logits for the same real tokens."""

@@ -16,6 +16,9 @@ from tolerance import assert_close_to_ref
 from gpt2_fast.quant import (Int8Linear, int8_linear_fwd, quantize_int8, quantize_weight,
                              weight_bytes)
 
+# The fused kernel runs on CUDA, or on CPU under the interpreter (tests/conftest.py sets it there)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_DTYPES = [torch.float32] + ([torch.float16, torch.bfloat16] if torch.cuda.is_available() else [])
 KJV = os.path.join(os.path.dirname(__file__), "..", "gpt2_fast", "data", "kjv.txt.gz")
 
 
@@ -52,23 +55,26 @@ def test_int8_linear_matches_its_dequantized_weight_and_bounds_the_error():
 
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (1, 37, 50), (3, 100, 300), (2, 64, 768), (16, 17, 129)])
 @pytest.mark.parametrize("has_bias", [True, False])
-def test_triton_int8_gemv_vs_float64(M, N, K, has_bias):
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=str)
+def test_triton_int8_gemv_vs_float64(M, N, K, has_bias, dtype):
     """The fused kernel (interpreted on CPU) against float64 math on the same int8 weights."""
-    x = torch.randn(M, K)
-    q, s = quantize_weight(torch.randn(N, K))
-    b = torch.randn(N) if has_bias else None
+    dev = TRITON_DEVICE
+    x = torch.randn(M, K, device=dev).to(dtype)
+    q, s = quantize_weight(torch.randn(N, K, device=dev))
+    b = torch.randn(N, device=dev).to(dtype) if has_bias else None
     y = int8_linear_fwd(x, q, s, b)
+    assert y.dtype == dtype
     ref = (x.double() @ q.double().T) * s.double()
-    lo = (x @ q.float().T) * s
+    lo = (x @ q.to(dtype).T) * s.to(dtype)
     if has_bias:
         ref, lo = ref + b.double(), lo + b
     assert_close_to_ref(y, ref, lo, "int8 gemv")
 
 
 def test_triton_path_inside_the_layer():
-    lin = torch.nn.Linear(96, 40)
+    lin = torch.nn.Linear(96, 40).to(TRITON_DEVICE)
     m = Int8Linear.from_linear(lin)
-    x = torch.randn(2, 1, 96)
+    x = torch.randn(2, 1, 96, device=TRITON_DEVICE)
     m.kernel = "torch"
     a = m(x)
     m.kernel = "triton"
