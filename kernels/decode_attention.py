@@ -260,7 +260,10 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_len: Te
         lse_part = poison.empty(B * H, num_splits, Tq, dtype=torch.float32, device=q.device)
     has_start = kv_start is not None
     start = kv_start if has_start else kv_len
-    dot_prec = "ieee" if k_cache.dtype == torch.float32 else "tf32"
+    # fp32 caches: exact products unless torch's fp32 matmul precision allows TF32 (as flash_attention)
+    dot_prec = "tf32"
+    if k_cache.dtype == torch.float32 and (INTERPRET or torch.get_float32_matmul_precision() == "highest"):
+        dot_prec = "ieee"
     if k_cache.dtype == torch.bfloat16 and INTERPRET:
         dot_prec = "bf16_interp"  # see _dot
     with (torch.cuda.device(q.device) if q.is_cuda else _NullCtx()):

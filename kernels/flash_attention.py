@@ -39,7 +39,9 @@ custom ops "gpt2_fast_triton::attention_fwd" / "::attention_bwd" with fake (meta
 torch.compile and CUDA graphs see through them -> AttentionFunction (autograd) -> attention().
 The same path runs on CPU under TRITON_INTERPRET=1. On CUDA the kernels are autotuned for
 H100/H200 (BLOCK_M/BLOCK_N 64/128, 4/8 warps, 2-4 stages); under the interpreter one small
-config is used (autotuning there is meaningless and slow).
+config is used (autotuning there is meaningless and slow), and GPT2_FAST_TRITON_AUTOTUNE=0 picks
+one fixed config on CUDA too (quick test runs). Exact fp32 (torch's default "highest" fp32 matmul
+precision) uses one small FMA-friendly config; "high"/"medium" allow TF32 tensor cores.
 Interpreter caveat (triton-lang/triton#11584): the Triton interpreter multiplies bf16 dot
 operands as raw uint16 bits and truncates fp32 -> bf16 casts; DOT_PREC "bf16_interp" (CPU tests
 only) widens dot operands to fp32 and rounds casts to nearest, as the GPU does.
@@ -458,6 +460,11 @@ if INTERPRET:
     _FWD_CONFIGS = _configs([(64, 32, 4, 1)])
     _DKDV_CONFIGS = _configs([(32, 64, 4, 1)])
     _DQ_CONFIGS = _configs([(64, 32, 4, 1)])
+elif os.environ.get("GPT2_FAST_TRITON_AUTOTUNE", "1") == "0":
+    # Autotuning off (quick test runs, fast start-up): one config each that fits every head dim.
+    _FWD_CONFIGS = _configs([(128, 64, 4, 3)])
+    _DKDV_CONFIGS = _configs([(64, 64, 4, 3)])
+    _DQ_CONFIGS = _configs([(64, 64, 4, 3)])
 else:
     # H100/H200 candidates (sm_90: 228 KB shared memory; configs that do not fit are skipped by
     # the autotuner). Forward: large query tiles; dK/dV: key tiles of 64/128 with query tiles of
@@ -469,9 +476,30 @@ else:
     _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
                             (128, 32, 4, 3), (64, 32, 4, 4)])
 
-_attention_fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEY)(_attention_fwd_kernel)
-_attention_bwd_dkdv_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=_KEY)(_attention_bwd_dkdv_kernel)
-_attention_bwd_dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_KEY)(_attention_bwd_dq_kernel)
+
+
+def _exact_fp32_pruner(config):
+    """early_config_prune: exact fp32 (DOT_PREC "ieee") runs on FMA units, where big tiles do
+    not pay and take ptxas a minute or more each; such launches get one small config only."""
+    def prune(configs, named_args, **kwargs):
+        if kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) == "ieee" and not INTERPRET:
+            return [config]
+        return configs
+    return {"early_config_prune": prune}
+
+
+_attention_fwd_tuned = triton.autotune(
+    configs=_FWD_CONFIGS, key=_KEY,
+    prune_configs_by=_exact_fp32_pruner(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)),
+)(_attention_fwd_kernel)
+_attention_bwd_dkdv_tuned = triton.autotune(
+    configs=_DKDV_CONFIGS, key=_KEY,
+    prune_configs_by=_exact_fp32_pruner(triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)),
+)(_attention_bwd_dkdv_kernel)
+_attention_bwd_dq_tuned = triton.autotune(
+    configs=_DQ_CONFIGS, key=_KEY,
+    prune_configs_by=_exact_fp32_pruner(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)),
+)(_attention_bwd_dq_kernel)
 _PREPROCESS_BLOCK_M = 32 if INTERPRET else 64
 
 
@@ -485,11 +513,14 @@ def _bucket(T: int) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs: exact fp32 products (TF32 would miss the fp32 tolerance); 16-bit: unused,
-    except bf16 in the interpreter (see _dot)."""
+    """fp32 inputs follow torch.get_float32_matmul_precision(): "highest" (torch's default) ->
+    exact fp32 products on FMA units ("ieee"); "high"/"medium" -> TF32 tensor cores, as torch's
+    own matmuls then do. 16-bit inputs: unused, except bf16 in the interpreter (see _dot)."""
     if dtype == torch.bfloat16 and INTERPRET:
         return "bf16_interp"
-    return "ieee" if dtype == torch.float32 else "tf32"
+    if dtype == torch.float32:
+        return "ieee" if INTERPRET or torch.get_float32_matmul_precision() == "highest" else "tf32"
+    return "tf32"
 
 
 def _bthd_empty(B: int, H: int, T: int, D: int, dtype: torch.dtype, device) -> Tensor:
