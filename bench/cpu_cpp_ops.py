@@ -5,7 +5,9 @@ torch's own fused CPU kernels, in the same run. Decides gpt2_fast.extension.CPU_
 
 Per op and dtype: median wall time of forward, and of forward + backward where the op has one,
 at GPT-2 small widths. An op goes into CPU_AUTO_OPS when cpp beats the torch backend in every
-measured row of that op (fp32 and bf16, fwd and fwd+bwd). CPU timings on a shared machine are
+forward row of that op (fp32 and bf16) and is not slower (>= 0.9x, the noise here) in any
+fwd+bwd row. (cpp attention with gradients on CPU runs the reference itself: its fwd+bwd row is
+the same code as torch's, measured to show that.) CPU timings on a shared machine are
 noisy: the runs are interleaved (cpp, torch, cpp, torch ...) and the median is reported.
 """
 from __future__ import annotations
@@ -122,7 +124,9 @@ def main():
         if grad_inputs is not None:
             for t in grad_inputs:
                 t.requires_grad_(False)
-    faster = sorted({r["op"] for r in rows} - {r["op"] for r in rows if r["speedup_vs_torch"] <= 1.0})
+    slower = {r["op"] for r in rows
+              if r["speedup_vs_torch"] <= (1.0 if r["pass_"] == "fwd" else 0.9)}
+    faster = sorted({r["op"] for r in rows} - slower)
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
@@ -134,11 +138,12 @@ def main():
         torch=torch.__version__, python=platform.python_version(), git_sha=sha,
         note="median wall ms; 'torch' is the torch backend (gpt2_fast.reference, eager), 'native' "
              "torch's fused CPU op (F.layer_norm / F.gelu / SDPA) for reference; shared 2-core machine",
+        rule="cpu auto op: cpp/torch speedup > 1 in every fwd row and >= 0.9 in every fwd+bwd row",
         rows=rows, faster_than_torch_backend=faster)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    print(f"cpp faster than the torch backend in every row: {faster}\nwrote {args.out}")
+    print(f"cpp faster than the torch backend (fwd > 1x, fwd+bwd >= 0.9x): {faster}\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -91,7 +91,8 @@ def compile_args(with_cuda: bool) -> tuple[dict, list[str], list[str]]:
     """(extra_compile_args, extra_link_args, define_macros as -D flags for the JIT)."""
     omp_c, omp_l = _openmp_flags()
     # -std is left to torch (c++17 for older torch, c++20 for torch >= 2.10, whose headers need it).
-    cxx = ["-O3", "-g0"] + omp_c
+    # -fno-trapping-math / -fno-math-errno (as torch's own build): lets the CPU loops vectorize
+    cxx = ["-O3", "-g0", "-fno-math-errno", "-fno-trapping-math"] + omp_c
     args = {"cxx": cxx}
     defines = []
     if with_cuda:

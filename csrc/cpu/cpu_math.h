@@ -2,11 +2,11 @@
 //
 // Design: every CPU kernel converts its rows to fp32 scratch, runs an fp32 row function, and
 // converts once on store (the Liger "load, cast to fp32, compute, cast once" pattern). The fp32
-// row functions are compiled twice with GCC's target_clones (AVX2+FMA "haswell" and the x86-64
-// baseline) and picked at load time, so one wheel is fast on AVX2 machines and still runs on
-// older ones. std::exp / std::tanh do not vectorize without -ffast-math, so exp is a Cephes-style
+// row functions are compiled twice with GCC's target_clones (AVX2 and the x86-64 baseline) and
+// picked at load time, so one build is fast on AVX2 machines and still runs on older ones. std::exp / std::tanh do not vectorize without -ffast-math, so exp is a Cephes-style
 // range reduction + degree-6 polynomial (relative error ~2e-7 on the fp32 range), written with
-// plain arithmetic so that the loops around it vectorize.
+// plain arithmetic so that the loops around it vectorize (that also needs -fno-trapping-math,
+// which gpt2_fast/build_ext.py passes, as torch's own build does, so that selects if-convert).
 #pragma once
 
 #include <cmath>
@@ -16,8 +16,16 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#if defined(__GNUC__)
+#define GPT2F_INLINE inline __attribute__((always_inline))  // inlined into the cloned loops, or they do not vectorize
+#else
+#define GPT2F_INLINE inline
+#endif
+
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define GPT2F_CLONES __attribute__((target_clones("arch=haswell", "default")))
+// "avx2" and not "arch=haswell": GCC will not inline the default-target helpers below into an
+// arch= clone, and without inlining the loops do not vectorize.
+#define GPT2F_CLONES __attribute__((target_clones("avx2", "default")))
 #else
 #define GPT2F_CLONES
 #endif
@@ -52,8 +60,9 @@ inline void store_f32<float>(const float* __restrict src, float* __restrict dst,
 
 // exp(x) for fp32, vectorizable (no calls, no branches). x <= -87.3 gives ~1e-38, not 0:
 // callers that need exact zeros (masked attention scores) set them explicitly.
-inline float exp_f32(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+GPT2F_INLINE float exp_f32(float x) {
+  x = x < -87.3f ? -87.3f : x;  // selects, not fminf: vectorizable with -fno-trapping-math
+  x = x > 88.7f ? 88.7f : x;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   float n = (x * 1.44269504088896341f + magic) - magic;
   float r = x - n * 0.693359375f;
@@ -72,8 +81,9 @@ inline float exp_f32(float x) {
 }
 
 // tanh(z) = (e - 1) / (e + 1), e = exp(2z); |z| clamped to 9 where tanh is 1 in fp32.
-inline float tanh_f32(float z) {
-  z = z < -9.0f ? -9.0f : (z > 9.0f ? 9.0f : z);
+GPT2F_INLINE float tanh_f32(float z) {
+  z = z < -9.0f ? -9.0f : z;
+  z = z > 9.0f ? 9.0f : z;
   float e = exp_f32(2.0f * z);
   return (e - 1.0f) / (e + 1.0f);
 }
