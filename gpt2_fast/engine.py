@@ -194,6 +194,7 @@ class Engine:
         self._buffers: dict[int, StepBuffers] = {}
         self._identity = None
         self._pool = None
+        self.extra_graphs: dict = {}  # other static-buffer graphs on this model (speculative verify)
 
     # -- buffers, cache and graph bookkeeping -------------------------------------------------
 
@@ -220,6 +221,7 @@ class Engine:
                         tuple(getattr(b, "backend", None) for b in m.modules()), dtype, str(self.device))
             if identity != self._identity:  # new weights, cache or backend: old graphs are stale
                 self._buffers.clear()
+                self.extra_graphs.clear()
                 self._identity = identity
             buf = self._buffers.get(bucket)
             if buf is None or buf.seq_len < m.max_seq_len:
@@ -238,22 +240,32 @@ class Engine:
         buf.pos += 1
 
     def _capture(self, buf: StepBuffers, mode: SamplingMode):
-        """Record _step as a CUDA graph. Warm-up runs (Triton autotuning, lazy init) happen on a
-        side stream and are undone: they write only the slots the real step rewrites first."""
+        """Record _step as a CUDA graph. The warm-up runs write only the slots the real step
+        rewrites first; pos and done are put back after each."""
         pos0, done0 = buf.pos.clone(), buf.done.clone()
+
+        def reset():
+            buf.pos.copy_(pos0)
+            buf.done.copy_(done0)
+        return self.capture(lambda: self._step(buf, mode), reset)
+
+    def capture(self, fn, reset=None):
+        """A torch.cuda.CUDAGraph of fn() (which must only touch static tensors), sharing this
+        engine's memory pool. Warm-up runs (Triton autotuning, lazy init) go first on a side
+        stream; reset() undoes each of them."""
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(buf, mode)
-                buf.pos.copy_(pos0)
-                buf.done.copy_(done0)
+                fn()
+                if reset is not None:
+                    reset()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            self._step(buf, mode)
-        buf.pos.copy_(pos0)
-        buf.done.copy_(done0)
+            fn()
+        if reset is not None:
+            reset()
         self._pool = graph.pool()
         return graph
 

@@ -31,6 +31,39 @@ from .generate import GenerationResult, Prompt, encode_prompts
 from .tokenizer import EOT_TOKEN, Tokenizer, get_tokenizer
 
 
+class Verifier:
+    """The target's verify forward as a fixed-shape step: k + 1 tokens read from the draft's step
+    buffer at slots pos .. pos + k (pos a device tensor), greedy choices and the agreeing-prefix
+    length written to `out` = [tokens (k+1), g (k+1), a]. On CUDA it is captured once as a graph."""
+
+    def __init__(self, engine, src, k: int):
+        device = engine.device
+        self.engine, self.src, self.k = engine, src, k
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.offsets = torch.arange(k + 1, device=device)
+        self.out = torch.zeros(2 * k + 3, dtype=torch.long, device=device)
+        self.graph = None
+
+    def _run(self, live: Optional[int] = None) -> None:
+        input_pos = self.pos + self.offsets                                     # (k + 1,)
+        idx = self.src.seq[:1].index_select(1, input_pos)                       # (1, k + 1)
+        g = self.engine.model.forward_cached(idx, input_pos, None, live=live,
+                                             only_last=False)[0].argmax(-1)     # (k + 1,)
+        agree = (idx[0, 1:] == g[:-1]).to(torch.long).cumprod(0).sum(0, keepdim=True)
+        self.out.copy_(torch.cat([idx[0], g, agree]))
+
+    def __call__(self, start: int) -> list[int]:
+        """Verify the proposal at slots start .. start + k; one host sync (the result)."""
+        self.pos.fill_(start)
+        if not self.engine.cuda_graph:
+            self._run(live=start + self.k + 1)
+        else:
+            if self.graph is None:
+                self.graph = self.engine.capture(self._run)
+            self.graph.replay()
+        return self.out.tolist()
+
+
 def _check_pair(target, draft, k: int) -> None:
     for name, m in (("target", target), ("draft", draft)):
         if not hasattr(m, "forward_cached"):
@@ -76,10 +109,14 @@ def speculative_generate_ids(target, draft, prompt_ids: list[int], max_new_token
     # the tokens still wanted. The engines own the caches (and re-capture graphs if they move);
     # the draft's one-token steps run on its engine's static buffers (a CUDA graph on GPU).
     needed = T + max_new_tokens - 1
-    get_engine(target)._prepare(1, needed)
+    get_engine(target)._prepare(1, needed)  # first: the draft may be the target itself
     draft_engine = get_engine(draft)
     dbuf = draft_engine._prepare(1, needed)
     greedy = SamplingMode.make(0, None, None, V)
+    target_engine = get_engine(target)
+    verifier = target_engine.extra_graphs.get(("verify", dbuf, k))
+    if verifier is None:
+        verifier = target_engine.extra_graphs[("verify", dbuf, k)] = Verifier(target_engine, dbuf, k)
     dbuf.stop.fill_(False)
     dbuf.done.fill_(False)
     dbuf.kv_start.zero_()
@@ -114,12 +151,16 @@ def speculative_generate_ids(target, draft, prompt_ids: list[int], max_new_token
             dbuf.pos.fill_(n - 1)
             for i in range(k_eff):  # d_i lands in dbuf.seq[0, n - 1 + i]
                 draft_engine.run_step(dbuf, greedy, live=n + i)
-            proposal = dbuf.seq[0, n - 1:n + k_eff]                                 # (k_eff + 1,)
-        else:
-            proposal = torch.tensor(seq[-1:], device=device)
-        g = forward(target, proposal, n - 1, only_last=False).argmax(-1)           # (k_eff + 1,)
-        agree = (proposal[1:] == g[:-1]).to(torch.long).cumprod(0).sum(0, keepdim=True)
-        host = torch.cat([proposal, g, agree]).tolist()                             # the one sync
+        if k_eff == k:  # the fixed-shape verify step (a graph replay on CUDA)
+            host = verifier(n - 1)
+        else:           # the last round(s), with fewer tokens still wanted: eager
+            if k_eff > 0:
+                proposal = dbuf.seq[0, n - 1:n + k_eff]                             # (k_eff + 1,)
+            else:
+                proposal = torch.tensor(seq[-1:], device=device)
+            g = forward(target, proposal, n - 1, only_last=False).argmax(-1)       # (k_eff + 1,)
+            agree = (proposal[1:] == g[:-1]).to(torch.long).cumprod(0).sum(0, keepdim=True)
+            host = torch.cat([proposal, g, agree]).tolist()                         # the one sync
         a = host[-1]
         new = host[1:1 + a] + [host[k_eff + 1 + a]]     # d_1 .. d_a, then the target's g_a
         stats["rounds"] += 1

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from gpt2_fast import GPT, GPTConfig
-from gpt2_fast.engine import Engine
+from gpt2_fast.engine import Engine, get_engine
 from gpt2_fast.speculative import speculative_generate, speculative_generate_ids
 from gpt2_fast.tokenizer import EOT_TOKEN
 
@@ -78,6 +78,8 @@ def test_draft_equal_to_target_accepts_everything(target):
     assert res.tokens[0] == greedy(target, prompt, 21)
     assert res.stats["acceptance_rate"] == 1.0
     assert res.stats["rounds"] == 4  # 1 token from prefill, then 5 per round (4 drafts + 1)
+    verifiers = [v for key, v in get_engine(target).extra_graphs.items() if key[0] == "verify"]
+    assert verifiers and verifiers[0].k == 4  # the fixed-shape verify step ran (a graph on CUDA)
 
 
 def test_partial_agreement_equals_greedy(target):
