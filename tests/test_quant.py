@@ -214,3 +214,13 @@ def _quantized_copy(model, bits):
     copy = GPT(model.config).eval()
     copy.load_state_dict(model.state_dict())
     return quantize_int8(copy, bits=bits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and the fused kernel need a GPU")
+def test_int8_engine_on_cuda_graph_equals_eager():
+    model = quantize_int8(make_model().cuda().to(torch.bfloat16))
+    assert model.lm_head.scale.dtype == torch.float32
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    a = list(Engine(model, cuda_graph=True).generate_ids(prompts, 10, temperature=0, stop_at_eot=False))
+    b = list(Engine(model, cuda_graph=False).generate_ids(prompts, 10, temperature=0, stop_at_eot=False))
+    assert torch.equal(torch.stack(a), torch.stack(b))
