@@ -19,6 +19,11 @@ Design (gpt-fast style, with everything a step needs living in static buffers):
   host      reads tokens only to stream them; checks "every row finished?" every `sync_every`
             steps (1 on CPU, where it is free; 8 on CUDA).
 
+Why torch.cuda.CUDAGraph and not torch.compile(mode="reduce-overhead"): no compile time (tens of
+seconds for gpt2-xl), no guards or recompiles across buckets and sampling modes, and the Triton
+kernels are captured as they are. Inductor could still fuse the small elementwise ops of a step;
+that comparison is unmeasured (no GPU was lent while this was written).
+
 CPU layout: MKL's batch-1 GEMV reads an (in, out)-major weight 1.5-1.9x faster than the
 (out, in)-major one nn.Linear keeps (bench: F.linear(x, W) 2.0 ms vs x @ W^T-stored 1.1 ms for
 768x3072, 41 vs 28 ms for the LM head, one thread, this 2-core box). So on CPU the engine
