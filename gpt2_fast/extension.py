@@ -59,8 +59,9 @@ def _load() -> None:
             _LOAD_ERROR = (not_built + "; build it with `pip install --no-build-isolation -e .` "
                            "or set GPT2_FAST_JIT=1 to compile it on first use")
             return
-        print("gpt2_fast: compiling the extension from csrc/ (first use only; cached under "
-              "~/.cache/gpt2_fast/ext) ...", file=sys.stderr, flush=True)
+        cache = os.path.join(os.environ.get("GPT2_FAST_CACHE", "~/.cache/gpt2_fast"), "ext")
+        print(f"gpt2_fast: compiling the extension from csrc/ (first use only; cached under {cache}) ...",
+              file=sys.stderr, flush=True)
         try:
             mod = build_ext.jit_build(verbose=os.environ.get("GPT2_FAST_JIT_VERBOSE") == "1")
         except Exception as e2:  # a compiler error, missing nvcc or ninja ...
