@@ -81,8 +81,8 @@ def run(args) -> int:
     if args.int8:
         from .quant import quantize_int8
         quantize_int8(model)
-    if args.no_cuda_graph:
-        get_engine(model, cuda_graph=False)
+    # a model loaded only to generate: on CPU its weights may take the faster GEMV layout
+    get_engine(model, cuda_graph=False if args.no_cuda_graph else None, cpu_layout=True)
     if args.draft_model or args.draft_config:
         return _run_speculative(args, model)
     timings: dict = {}

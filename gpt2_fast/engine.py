@@ -29,7 +29,9 @@ CPU layout: MKL's batch-1 GEMV reads an (in, out)-major weight 1.5-1.9x faster t
 768x3072, 41 vs 28 ms for the LM head, one thread, this 2-core box). So on CPU the engine
 re-lays the model's 2-D Linear weights and the tied embedding in place as transposed storage, the
 layout HF's Conv1D uses: same shapes, same values, the parameters become non-contiguous views.
-`Engine(model, cpu_layout=False)` leaves them alone.
+That changes the storage of the user's parameters (and so the bits of later training matmuls), so
+it is opt-in: `Engine(model, cpu_layout=True)` / `get_engine(model, cpu_layout=True)`, which
+`gpt2-fast generate` and the decode benchmarks use on a model loaded only for inference.
 
 The cache is the model's static KV cache (GPT.setup_cache). A graph remembers the addresses of
 the cache, the weights and the step buffers: the engine re-captures when any of them changes.
@@ -181,7 +183,7 @@ class Engine:
     """
 
     def __init__(self, model, cuda_graph: Optional[bool] = None, max_seq_len: Optional[int] = None,
-                 sync_every: Optional[int] = None, cpu_layout: bool = True):
+                 sync_every: Optional[int] = None, cpu_layout: bool = False):
         _check_model(model)
         self.model = model
         self.device = model.transformer.wte.weight.device
