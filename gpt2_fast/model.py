@@ -229,8 +229,8 @@ class GPT(nn.Module):
         if kv_start is not None and kv_start.shape != (B,):
             raise ValueError(f"kv_start must have shape (B,) = ({B},), got {tuple(kv_start.shape)}")
         capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
-        if capturing or torch.compiler.is_compiling():
-            return  # value checks would sync with the host
+        if capturing or torch.compiler.is_compiling() or (idx.is_cuda and self.training):
+            return  # value checks would sync with the host (on CUDA: once per training step)
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= cfg.vocab_size):
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size}); got min {int(idx.min())}, "
                              f"max {int(idx.max())}")
