@@ -38,8 +38,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # backend (gpt2_fast.reference, eager) on this project's CPU machine; bench/cpu_cpp_ops.py writes
 # the measurement to bench/results/cpu-cpp-vs-torch.json.
 # Measured 2026-11-26 on the shared 2-core x86-64 AVX2 machine (B4 T256 C768, fp32 and bf16):
-# forward 1.5-8x faster than the torch backend for every op, fwd+bwd 1.3-9x (CPU attention with
-# gradients runs the reference itself: ~1x). torch's own F.layer_norm is still faster than ours.
+# faster than the torch backend in every row of three runs (forward ~1.5-10x, fwd+bwd ~1.3-9x; CPU
+# attention with gradients runs the reference itself: ~1x). The machine is shared and noisy;
+# torch's own fused F.layer_norm is still faster than our LayerNorm forward.
 CPU_AUTO_OPS: tuple[str, ...] = ("layer_norm", "add_layer_norm", "bias_gelu", "attention", "decode_attention")
 
 _C = None
