@@ -38,7 +38,6 @@ bf16 under the Triton interpreter: see the caveat in kernels/flash_attention.py 
 # No `from __future__ import annotations`: torch.library reads these annotations at runtime.
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
@@ -48,56 +47,12 @@ from torch import Tensor
 
 from gpt2_fast import poison
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._precision import INTERPRET, _cast_like, _cast_ptr, _dot, device_ctx, dot_precision
 
 
 # =============================================================================================
 # Kernels
 # =============================================================================================
-
-@triton.jit
-def _dot(a, b, DOT_PREC: tl.constexpr):
-    """tl.dot with fp32 accumulation. DOT_PREC is "ieee" (fp32 inputs), "tf32" (16-bit inputs:
-    unused) or "bf16_interp": bf16 under TRITON_INTERPRET=1, where the operands are widened to
-    fp32 first (exactly), because the Triton 3.9 interpreter's dot multiplies bf16 tiles as their
-    raw uint16 bits."""
-    if DOT_PREC == "bf16_interp":
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=DOT_PREC)
-    return c
-
-
-@triton.jit
-def _round_bf16_interp(x):
-    """Round fp32 x to the nearest bf16 value (ties to even), still as fp32. Only for the
-    interpreter, whose fp32 -> bf16 cast truncates where the GPU rounds to nearest."""
-    if x.dtype == tl.float32:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    return x
-
-
-@triton.jit
-def _cast_like(x, like, DOT_PREC: tl.constexpr):
-    """x.to(like.dtype), rounding to nearest under the interpreter too (see _round_bf16_interp)."""
-    if DOT_PREC == "bf16_interp":
-        y = _round_bf16_interp(x).to(like.dtype)
-    else:
-        y = x.to(like.dtype)
-    return y
-
-
-@triton.jit
-def _cast_ptr(x, P, DOT_PREC: tl.constexpr):
-    """x.to(P's element type) for a store, rounding to nearest (see _cast_like)."""
-    if DOT_PREC == "bf16_interp":
-        y = _round_bf16_interp(x).to(P.dtype.element_ty)
-    else:
-        y = x.to(P.dtype.element_ty)
-    return y
-
 
 @triton.jit
 def _decode_attention_fwd_kernel(Q, K, V, KvLen, KvStart, O, OPart, LsePart,
@@ -260,13 +215,8 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_len: Te
         lse_part = poison.empty(B * H, num_splits, Tq, dtype=torch.float32, device=q.device)
     has_start = kv_start is not None
     start = kv_start if has_start else kv_len
-    # fp32 caches: exact products unless torch's fp32 matmul precision allows TF32 (as flash_attention)
-    dot_prec = "tf32"
-    if k_cache.dtype == torch.float32 and (INTERPRET or torch.get_float32_matmul_precision() == "highest"):
-        dot_prec = "ieee"
-    if k_cache.dtype == torch.bfloat16 and INTERPRET:
-        dot_prec = "bf16_interp"  # see _dot
-    with (torch.cuda.device(q.device) if q.is_cuda else _NullCtx()):
+    dot_prec = dot_precision(k_cache.dtype)
+    with device_ctx(q):
         _decode_attention_fwd_kernel[(triton.cdiv(Tq, BLOCK_M), B * H, num_splits)](
             q, k_cache, v_cache, kv_len, start, o, o_part, lse_part,
             *q.stride(), *k_cache.stride(), *v_cache.stride(), *o.stride(),
@@ -280,14 +230,6 @@ def decode_attention_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_len: Te
                 BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D, DOT_PREC=dot_prec,
                 num_warps=1 if D <= 64 else 2)
     return o
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # =============================================================================================

@@ -59,56 +59,12 @@ from torch import Tensor
 
 from gpt2_fast import poison
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from ._precision import INTERPRET, _cast_like, _cast_ptr, _dot, device_ctx, dot_precision
 
 
 # =============================================================================================
 # Kernels
 # =============================================================================================
-
-@triton.jit
-def _dot(a, b, DOT_PREC: tl.constexpr):
-    """tl.dot with fp32 accumulation. DOT_PREC is "ieee" (fp32 inputs), "tf32" (16-bit inputs:
-    unused) or "bf16_interp": bf16 under TRITON_INTERPRET=1, where the operands are widened to
-    fp32 first (exactly), because the Triton 3.9 interpreter's dot multiplies bf16 tiles as their
-    raw uint16 bits."""
-    if DOT_PREC == "bf16_interp":
-        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        c = tl.dot(a, b, input_precision=DOT_PREC)
-    return c
-
-
-@triton.jit
-def _round_bf16_interp(x):
-    """Round fp32 x to the nearest bf16 value (ties to even), still as fp32. Only for the
-    interpreter, whose fp32 -> bf16 cast truncates where the GPU rounds to nearest."""
-    if x.dtype == tl.float32:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    return x
-
-
-@triton.jit
-def _cast_like(x, like, DOT_PREC: tl.constexpr):
-    """x.to(like.dtype), rounding to nearest under the interpreter too (see _round_bf16_interp)."""
-    if DOT_PREC == "bf16_interp":
-        y = _round_bf16_interp(x).to(like.dtype)
-    else:
-        y = x.to(like.dtype)
-    return y
-
-
-@triton.jit
-def _cast_ptr(x, P, DOT_PREC: tl.constexpr):
-    """x.to(P's element type) for a store, rounding to nearest (see _cast_like)."""
-    if DOT_PREC == "bf16_interp":
-        y = _round_bf16_interp(x).to(P.dtype.element_ty)
-    else:
-        y = x.to(P.dtype.element_ty)
-    return y
-
 
 @triton.jit
 def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
@@ -512,32 +468,9 @@ def _bucket(T: int) -> int:
     return max(16, triton.next_power_of_2(max(T, 1)))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch.get_float32_matmul_precision(): "highest" (torch's default) ->
-    exact fp32 products on FMA units ("ieee"); "high"/"medium" -> TF32 tensor cores, as torch's
-    own matmuls then do. 16-bit inputs: unused, except bf16 in the interpreter (see _dot)."""
-    if dtype == torch.bfloat16 and INTERPRET:
-        return "bf16_interp"
-    if dtype == torch.float32:
-        return "ieee" if INTERPRET or torch.get_float32_matmul_precision() == "highest" else "tf32"
-    return "tf32"
-
-
 def _bthd_empty(B: int, H: int, T: int, D: int, dtype: torch.dtype, device) -> Tensor:
     """A (B, H, T, D) view of (B, T, H, D) memory: the layout the model transposes back for free."""
     return poison.empty(B, T, H, D, dtype=dtype, device=device).transpose(1, 2)
-
-
-def _device_ctx(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, scale: float,
@@ -551,13 +484,13 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: floa
         return o, lse
     BLOCK_D = _block_d(D)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
-    with _device_ctx(q):
+    with device_ctx(q):
         _attention_fwd_tuned[grid](
             q, k, v, o, lse, seed if seed is not None else lse,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, Tq, Tk, D, float(scale), float(dropout_p), _bucket(Tq), _bucket(Tk),
             IS_CAUSAL=bool(causal), HAS_DROPOUT=dropout_p > 0.0, BLOCK_D=BLOCK_D,
-            EVEN_D=BLOCK_D == D, DOT_PREC=_dot_precision(q.dtype))
+            EVEN_D=BLOCK_D == D, DOT_PREC=dot_precision(q.dtype))
     return o, lse
 
 
@@ -585,8 +518,8 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     delta = poison.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     seed_arg = seed if seed is not None else delta
     common = dict(IS_CAUSAL=bool(causal), HAS_DROPOUT=dropout_p > 0.0, BLOCK_D=BLOCK_D,
-                  EVEN_D=BLOCK_D == D, DOT_PREC=_dot_precision(q.dtype))
-    with _device_ctx(q):
+                  EVEN_D=BLOCK_D == D, DOT_PREC=dot_precision(q.dtype))
+    with device_ctx(q):
         _attention_bwd_preprocess_kernel[(triton.cdiv(Tq, _PREPROCESS_BLOCK_M), B * H)](
             o, do, delta, *o.stride(), *do.stride(), H, Tq, D,
             BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D)
