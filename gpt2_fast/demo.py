@@ -91,7 +91,7 @@ def demo(out: str = "out/demo", budget_s: float | None = None, steps: int | None
                   seed=1337, device=str(dev), data_order="random", ckpt_interval=0, keep_last=1,
                   log_interval=1, sample_interval=0, plot=False, tensorboard=False, max_steps=1)
     steps_given = steps is not None
-    budget = budget_s if budget_s is not None else (150.0 if on_gpu else 200.0)
+    budget = budget_s if budget_s is not None else (150.0 if on_gpu else 300.0)
     if steps is None:
         step_s = calibrate_step_seconds(TrainConfig(**cfg_kw), dev)
         # the evals (about 1/3 of a step per batch) take some of the budget
@@ -139,7 +139,7 @@ def demo(out: str = "out/demo", budget_s: float | None = None, steps: int | None
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="out/demo", help="folder for the shards, checkpoint and plot")
     p.add_argument("--budget", type=float, default=None,
-                   help="seconds of training (default 200 on CPU, 150 on GPU); sets the step count")
+                   help="seconds of training (default 300 on CPU, 150 on GPU); sets the step count")
     p.add_argument("--steps", type=int, default=None, help="train exactly this many steps instead")
     p.add_argument("--batch-size", type=int, default=None, help="default 4 on CPU, 32 on GPU")
     p.add_argument("--device", default=None)
