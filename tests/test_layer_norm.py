@@ -6,21 +6,11 @@ import torch
 
 from gpt2_fast import poison
 from gpt2_fast.reference import add_layer_norm_ref, layer_norm_ref
-from tolerance import ATOL, assert_close_to_ref
+from tolerance import assert_close_triton as assert_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (shape of x): one row, odd widths, several rows per program, GPT-2 widths, the widest
 SHAPES = [(1, 1), (1, 8), (7, 257), (3, 7, 33), (129, 64), (2, 768), (2, 1600)]
-
-def assert_close(out, ref_hi, ref_lo, name):
-    """tolerance.assert_close_to_ref; under the Triton interpreter bf16 stores truncate instead of
-    rounding to nearest (triton/runtime/interpreter.py create_fp_trunc), so there the atol also
-    allows one bf16 ulp of the largest reference value. GPUs round: strict there."""
-    atol = None
-    if out.dtype == torch.bfloat16 and out.device.type == "cpu" and out.numel():
-        atol = ATOL[torch.bfloat16] + ref_hi.abs().max().item() * 2.0 ** -7
-    assert_close_to_ref(out, ref_hi, ref_lo, name, atol=atol)
-
 
 
 def _skip_unless_triton(device):
