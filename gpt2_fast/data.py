@@ -133,6 +133,17 @@ def _read_text(path: str) -> str:
                          f"{e.start}); convert it to UTF-8 first") from None
 
 
+def parse_jsonl(lines: Iterable[str], path: str) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) for each non-blank line; bad JSON names the file and line."""
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+
+
 def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
     """The documents of one file: a .jsonl(.gz) gives one per line ({text_field: ...}),
     any other file is one document."""
@@ -144,13 +155,7 @@ def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
         yield text
         return
     n = 0
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+    for lineno, obj in parse_jsonl(text.splitlines(), path):
         if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
             raise ValueError(f"{path}:{lineno}: expected an object with a string field "
                              f"{text_field!r}, got {str(obj)[:80]!r}")

@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .data import parse_jsonl
 from .tokenizer import EOT_TOKEN, get_tokenizer
 
 
@@ -152,13 +153,7 @@ def _read_jsonl(path: str, fields: Sequence[str]) -> list[dict]:
         raise FileNotFoundError(f"data file {path} does not exist")
     rows = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+        for lineno, obj in parse_jsonl(f, path):
             missing = [k for k in fields if k not in obj]
             if missing:
                 raise ValueError(f"{path}:{lineno}: expected fields {list(fields)}, missing {missing}")
