@@ -47,7 +47,8 @@ from torch import Tensor
 
 from gpt2_fast import poison
 
-from ._precision import INTERPRET, _cast_like, _cast_ptr, _dot, device_ctx, dot_precision
+from ._attention_common import (INTERPRET, _cast_like, _cast_ptr, _dot, check_attention_tensors, check_head_dim,
+                                device_ctx, dot_precision)
 
 
 # =============================================================================================
@@ -249,19 +250,11 @@ def _decode_attention_fake(q, k_cache, v_cache, kv_len, kv_start, scale):
     return q.new_empty((B, Tq, H, D)).transpose(1, 2)
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-MAX_HEAD_DIM = 256
 
 
 def _check_inputs(q, k_cache, v_cache, kv_len, kv_start) -> None:
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"decode_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"decode_attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"decode_attention: {name} must be 4-D, got shape {tuple(t.shape)}")
+    check_attention_tensors("decode_attention", (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)))
     if k_cache.dtype != v_cache.dtype:
         raise TypeError(f"decode_attention: k_cache and v_cache must share a dtype, got "
                         f"{k_cache.dtype} and {v_cache.dtype}")
@@ -270,8 +263,7 @@ def _check_inputs(q, k_cache, v_cache, kv_len, kv_start) -> None:
         raise ValueError(f"decode_attention: expected k_cache and v_cache of shape (B, H, S, D) = "
                          f"({B}, {H}, S, {D}) for q {tuple(q.shape)}, got {tuple(k_cache.shape)} "
                          f"and {tuple(v_cache.shape)}")
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"decode_attention: head dim must be in 1..{MAX_HEAD_DIM}, got {D}")
+    check_head_dim("decode_attention", D)
     for name, t in (("kv_len", kv_len), ("kv_start", kv_start)):
         if t is None and name == "kv_start":
             continue

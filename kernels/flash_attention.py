@@ -59,7 +59,8 @@ from torch import Tensor
 
 from gpt2_fast import poison
 
-from ._precision import INTERPRET, _cast_like, _cast_ptr, _dot, device_ctx, dot_precision
+from ._attention_common import (INTERPRET, _cast_like, _cast_ptr, _dot, check_attention_tensors, check_head_dim,
+                                device_ctx, dot_precision)
 
 
 # =============================================================================================
@@ -584,18 +585,8 @@ class AttentionFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
-
-
 def _check_inputs(q, k, v, dropout_p) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"attention: {name} must be float16, bfloat16 or float32, got {t.dtype}")
-        if t.dim() != 4:
-            raise ValueError(f"attention: {name} must be 4-D (B, H, T, D), got shape {tuple(t.shape)}")
+    check_attention_tensors("attention", (("q", q), ("k", k), ("v", v)), " (B, H, T, D)")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -607,8 +598,7 @@ def _check_inputs(q, k, v, dropout_p) -> None:
     if k.shape != v.shape or k.shape[:2] != (B, H) or k.shape[3] != D:
         raise ValueError(f"attention: expected k and v of shape (B, H, Tk, D) = ({B}, {H}, Tk, {D}) "
                          f"for q {tuple(q.shape)}, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if not 1 <= D <= MAX_HEAD_DIM:
-        raise ValueError(f"attention: head dim must be in 1..{MAX_HEAD_DIM}, got {D}")
+    check_head_dim("attention", D)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"attention: dropout_p must be a float in [0, 1), got {dropout_p!r}")
 

@@ -1,4 +1,5 @@
-"""Precision helpers shared by the Triton attention kernels (flash_attention, decode_attention).
+"""What the Triton attention kernels (flash_attention, decode_attention) share: precision helpers
+and the checks of their q / k / v inputs.
 
 `_dot` / `_cast_like` / `_cast_ptr` take a DOT_PREC constexpr: "ieee" (exact fp32 products),
 "tf32" (16-bit inputs, or fp32 when torch allows TF32), or "bf16_interp": bf16 under
@@ -74,3 +75,23 @@ def dot_precision(dtype: torch.dtype) -> str:
 def device_ctx(t: torch.Tensor):
     """Launch on t's GPU (Triton launches on the current device); nothing to do on CPU."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def check_attention_tensors(op: str, named: tuple, shape_hint: str = "") -> None:
+    """Each (name, tensor) must be a float16/bfloat16/float32 4-D tensor; raise naming op and name."""
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in DTYPES:
+            raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
+        if t.dim() != 4:
+            raise ValueError(f"{op}: {name} must be 4-D{shape_hint}, got shape {tuple(t.shape)}")
+
+
+def check_head_dim(op: str, D: int) -> None:
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head dim must be in 1..{MAX_HEAD_DIM}, got {D}")
