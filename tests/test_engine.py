@@ -7,17 +7,7 @@ from gpt2_fast import GPT, GPTConfig
 from gpt2_fast.engine import (BUCKETS, Engine, SamplingMode, batch_bucket, exponential_noise,
                               get_engine, sample_on_device)
 from gpt2_fast.tokenizer import EOT_TOKEN
-
-
-def lively(m, scale):
-    """A random tied GPT-2 greedily repeats its last token (wte dominates the residual stream),
-    which would hide position and cache bugs: scale the residual projections so the blocks decide
-    the next token, and give the biases some values."""
-    for name, p in m.named_parameters():
-        if name.endswith("c_proj.weight"):
-            p.mul_(scale)
-        elif name.endswith(("attn.bias", "fc.bias", "proj.bias")):
-            p.normal_(0, 0.02)
+from lively import lively
 
 
 def make_model(device, seed=0, n_layer=2, n_embd=64, n_head=4, block_size=64):
