@@ -30,9 +30,9 @@ class Choice:
 
 
 CHOICES: dict[str, Choice] = {c.name: c for c in (
-    Choice("attention_bwd", "GPT2_FAST_ATTN_BWD", ("triton", "triton_det", "sdpa"), "triton", None,
-           "causal attention backward on CUDA: our Triton kernel (atomics; triton_det = the "
-           "deterministic two-kernel version) or torch SDPA (cuDNN/flash) recomputing the forward"),
+    Choice("attention_bwd", "GPT2_FAST_ATTN_BWD", ("triton_det", "triton_atomic", "sdpa"), "triton_det",
+           None, "causal attention backward on CUDA: our deterministic two-kernel Triton backward, "
+           "the one-kernel 5-matmul version with fp32 atomics for dQ, or torch SDPA (cuDNN/flash)"),
     Choice("attention_fwd", "GPT2_FAST_ATTN_FWD", ("triton", "sdpa"), "triton", None,
            "causal attention forward on CUDA: our Triton kernel or torch SDPA"),
     Choice("decode_step", "GPT2_FAST_DECODE_STEP", ("unfused", "fused"), "unfused", None,
