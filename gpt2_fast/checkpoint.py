@@ -145,8 +145,9 @@ def load_checkpoint(path: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        why = (str(e).splitlines() or ["empty file" if os.path.getsize(path) == 0 else ""])[0][:200]
         raise CheckpointError(f"checkpoint {path} is corrupt or incomplete and cannot be loaded "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}){_alternatives(path)}") from e
+                              f"({type(e).__name__}: {why}){_alternatives(path)}") from e
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a gpt2_fast training checkpoint (no format={FORMAT!r} "
                               f"entry); for HF weights pass the directory instead")
