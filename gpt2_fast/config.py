@@ -28,6 +28,7 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5
     backend: str = "auto"            # kernel backend for the fused ops: see gpt2_fast.ops
     padded_vocab_size: Optional[int] = None  # e.g. 50304: embedding rows padded for matmul speed
+    tie_word_embeddings: bool = True  # lm_head shares wte's weight (GPT-2); False: its own weight
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "vocab_size", "block_size"):

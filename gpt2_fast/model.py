@@ -130,7 +130,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.embedding_rows, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # tied
         self.max_batch_size = self.max_seq_len = -1
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()

@@ -81,3 +81,90 @@ class Tokenizer:
 def get_tokenizer() -> Tokenizer:
     """The GPT-2 tokenizer (built once per process)."""
     return Tokenizer()
+
+
+# ---------------------------------------------------------------------------------------------
+# HF tokenizer files (vocab.json + merges.txt), rebuilt from the vendored ranks
+# ---------------------------------------------------------------------------------------------
+# HF's GPT-2 files spell every byte as a printable character (bytes_to_unicode: printable
+# Latin-1 bytes map to themselves, the other 68 to U+0100 onwards, so ' ' is 'Ġ' and '\n' 'Ċ').
+# A merge is recovered from the ranks as tiktoken builds them: running BPE on a token's bytes
+# with only the merges ranked below it leaves exactly two parts, the pair merged into it.
+
+def bytes_to_unicode() -> dict:
+    """{byte: printable character}, GPT-2's reversible byte encoding."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    mapping, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + extra)
+            extra += 1
+    return mapping
+
+
+def _bpe_parts(ranks: dict, token: bytes, max_rank: int) -> list[bytes]:
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        best, best_rank = None, max_rank
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < best_rank:
+                best, best_rank = i, r
+        if best is None:
+            break
+        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+    return parts
+
+
+@functools.lru_cache(maxsize=1)
+def hf_vocab_and_merges() -> tuple[dict, list[str]]:
+    """(vocab.json's {token string: id}, merges.txt's lines) of GPT-2, from the vendored ranks."""
+    ranks = load_ranks()
+    enc = bytes_to_unicode()
+    spell = lambda b: "".join(enc[x] for x in b)
+    vocab = {spell(tok): rank for tok, rank in ranks.items()}
+    vocab["<|endoftext|>"] = EOT_TOKEN
+    merges = []
+    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(tok) < 2:
+            continue
+        # the merge is one of the splits into two lower-ranked tokens; BPE decides between several
+        splits = [(tok[:i], tok[i:]) for i in range(1, len(tok))
+                  if ranks.get(tok[:i], rank) < rank and ranks.get(tok[i:], rank) < rank]
+        parts = list(splits[0]) if len(splits) == 1 else _bpe_parts(ranks, tok, rank)
+        if len(parts) != 2:
+            raise ValueError(f"BPE ranks: token {tok!r} (rank {rank}) is not one merge of two lower-ranked tokens")
+        merges.append(f"{spell(parts[0])} {spell(parts[1])}")
+    return vocab, merges
+
+
+def write_hf_tokenizer_files(directory: str, model_max_length: int = 1024) -> list[str]:
+    """Write GPT-2's vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json into
+    directory (atomically each), so transformers' AutoTokenizer loads the folder offline; returns
+    the paths written."""
+    import json
+
+    from .atomic import atomic_write
+    vocab, merges = hf_vocab_and_merges()
+    eot = "<|endoftext|>"
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": model_max_length,
+              "add_prefix_space": False, "add_bos_token": False, "errors": "replace", **special,
+              "added_tokens_decoder": {str(EOT_TOKEN): {"content": eot, "lstrip": False, "normalized": True,
+                                                        "rstrip": False, "single_word": False, "special": True}}}
+    files = {"vocab.json": json.dumps(vocab, ensure_ascii=False),
+             "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
+             "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
+             "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
+    paths = []
+    for name, text in files.items():
+        path = os.path.join(directory, name)
+
+        def write(tmp: str, text: str = text) -> None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+        atomic_write(path, write)
+        paths.append(path)
+    return paths

@@ -152,3 +152,89 @@ def test_unknown_name_and_offline_preset(monkeypatch):
     monkeypatch.setenv("HF_HOME", "/nonexistent-hf-home")
     with pytest.raises(RuntimeError, match="pass a local directory"):
         GPT.from_pretrained("gpt2-xl")
+
+
+def test_untied_lm_head_both_ways(tmp_path):
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=97, n_positions=16, tie_word_embeddings=False)
+    hf = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.05)
+    assert hf.lm_head.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    hf.save_pretrained(tmp_path)
+    ours = GPT.from_pretrained(str(tmp_path)).eval()
+    assert ours.config.tie_word_embeddings is False
+    assert ours.lm_head.weight is not ours.transformer.wte.weight
+    idx = torch.randint(0, 97, (2, 16))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        torch.testing.assert_close(ours(idx)[0], ref, atol=1e-5, rtol=1e-5)
+        targets = torch.randint(0, 97, (2, 16))
+        torch.testing.assert_close(ours(idx, targets, return_logits=False)[1], ours(idx, targets)[1])
+        padded = GPT.from_pretrained(str(tmp_path), padded_vocab_size=128).eval()
+        torch.testing.assert_close(padded(idx)[0], ref, atol=1e-5, rtol=1e-5)
+    padded.save_pretrained(str(tmp_path / "back"))
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["tie_word_embeddings"] is False
+    back = GPT2LMHeadModel.from_pretrained(str(tmp_path / "back")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(idx).logits, ref, atol=1e-5, rtol=1e-5)
+    from safetensors.torch import load_file, save_file  # untied config, but no lm_head in the file
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    del sd["lm_head.weight"]
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="tie_word_embeddings=false.*no lm_head.weight"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_corrupt_weight_files_name_the_file(tmp_path):
+    hf = hf_model(*CONFIGS[0])
+    hf.save_pretrained(tmp_path)
+    st = tmp_path / "model.safetensors"
+    good = st.read_bytes()
+    for bad in (good[:len(good) // 2], b"garbage" * 10, b""):
+        st.write_bytes(bad)
+        with pytest.raises(ValueError, match="model.safetensors: corrupt, truncated or not a weight file"):
+            GPT.from_pretrained(str(tmp_path))
+    st.unlink()
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin")
+    good = (tmp_path / "pytorch_model.bin").read_bytes()
+    for bad in (good[:len(good) // 2], b""):
+        (tmp_path / "pytorch_model.bin").write_bytes(bad)
+        with pytest.raises(ValueError, match="pytorch_model.bin: corrupt, truncated"):
+            GPT.from_pretrained(str(tmp_path))
+
+
+def test_invalid_config_json_names_the_file(tmp_path):
+    hf_model(*CONFIGS[0]).save_pretrained(tmp_path)
+    cfg = tmp_path / "config.json"
+    cfg.write_text("{not json")
+    with pytest.raises(ValueError, match=r"config.json: invalid JSON"):
+        GPT.from_pretrained(str(tmp_path))
+    cfg.write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(ValueError, match=r"config.json: not an HF GPT-2 config: missing \['n_head'"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+def test_save_pretrained_writes_a_tokenizer_autotokenizer_loads(tmp_path):
+    from transformers import AutoTokenizer
+
+    from gpt2_fast import get_tokenizer
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).save_pretrained(str(tmp_path))
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (tmp_path / name).exists(), name
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = get_tokenizer()
+    texts = ["Hello world", "  leading spaces and\n\nnewlines\t tabs", "It's 1234 o'clock; we'll see!",
+             "naïve café — 日本語 🙂", "<|endoftext|>between<|endoftext|>", "ĠĊ odd bytes \x00\x7f"]
+    for t in texts:
+        assert hf_tok.encode(t) == ours.encode(t), t
+        assert hf_tok.decode(ours.encode(t)) == t
+    assert hf_tok.eos_token_id == 50256 and hf_tok.model_max_length == 64
+    # every id decodes to the same bytes (the vocabulary), and a longer text encodes the same (merges)
+    from gpt2_fast.data import DEFAULT_CORPUS, _read_text
+    text = _read_text(DEFAULT_CORPUS)[:20000]
+    assert hf_tok.encode(text) == ours.encode(text)
+    byte_decoder = {c: b for b, c in __import__("gpt2_fast.tokenizer", fromlist=["x"]).bytes_to_unicode().items()}
+    toks = hf_tok.convert_ids_to_tokens(list(range(50256)))
+    assert all(bytes(byte_decoder[c] for c in s) == ours.decode_bytes([i]) for i, s in enumerate(toks))
