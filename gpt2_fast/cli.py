@@ -2,11 +2,18 @@
 
 Each subcommand lives in its own module that defines `add_arguments(parser)` and `run(args)`;
 SUBCOMMANDS maps names to those modules, imported only when the subcommand runs.
+
+Errors: `main` is the one place that turns an exception into the user's error line
+`gpt2-fast <cmd>: error: <message>` (exit 2). ValueError / TypeError / OSError / RuntimeError
+are what our code raises for bad input, with a message naming the file or flag; anything else
+is a bug, printed with its type and the hint below (exit 1). GPT2_FAST_DEBUG=1 re-raises, so the
+full traceback shows.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -18,7 +25,9 @@ SUBCOMMANDS = {
     "train": ("gpt2_fast.train", "train or fine-tune GPT-2 (single process, or DDP / FSDP2 under torchrun)"),
     "eval": ("gpt2_fast.eval", "perplexity, LAMBADA accuracy and zero-shot tasks of a model"),
     "demo": ("gpt2_fast.demo", "prepare the bundled corpus, train a small GPT-2, evaluate, sample"),
+    "export": ("gpt2_fast.export", "convert a checkpoint (.pt or training folder) into an HF folder with tokenizer files"),
 }
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:  # `info` takes no arguments
@@ -31,8 +40,18 @@ def run(args) -> int:
     return 0
 
 
+def _version_line() -> str:
+    import platform
+
+    import torch
+
+    from . import __version__
+    return f"gpt2-fast {__version__} (python {platform.python_version()}, torch {torch.__version__})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gpt2-fast", description="GPT-2 with fused Triton/CUDA kernels.")
+    parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module, help_text) in SUBCOMMANDS.items():
@@ -46,12 +65,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(args._module).run(args) or 0
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"gpt2-fast {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"gpt2-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if os.environ.get("GPT2_FAST_DEBUG") == "1":
+            raise
+        print(error_line(args.command, e), file=sys.stderr)
+        return 2 if isinstance(e, USER_ERRORS) else 1
+
+
+def error_line(command: str, e: BaseException) -> str:
+    """The one-line message of exception e for `gpt2-fast <command>`."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    if not isinstance(e, USER_ERRORS):
+        msg = f"{type(e).__name__}: {msg} (an internal error; GPT2_FAST_DEBUG=1 shows the traceback)"
+    elif isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+        msg = f"{e.filename}: {msg}"
+    return f"gpt2-fast {command}: error: {msg}"
 
 
 if __name__ == "__main__":
