@@ -49,8 +49,15 @@ def _version_line() -> str:
     return f"gpt2-fast {__version__} (python {platform.python_version()}, torch {torch.__version__})"
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`gpt2-fast <cmd>: error: ...`, exit 2); subparsers inherit it."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gpt2-fast", description="GPT-2 with fused Triton/CUDA kernels.")
+    parser = Parser(prog="gpt2-fast", description="GPT-2 with fused Triton/CUDA kernels.")
     parser.add_argument("--version", action="version", version=_version_line())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -62,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed
+        return e.code if isinstance(e.code, int) else 2
     try:
         return importlib.import_module(args._module).run(args) or 0
     except KeyboardInterrupt:
