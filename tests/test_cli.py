@@ -113,3 +113,57 @@ def test_debug_switch_and_internal_errors(monkeypatch, capsys):
     monkeypatch.setenv("GPT2_FAST_DEBUG", "1")
     with pytest.raises(KeyError):
         main(["info"])
+
+
+def _tiny_training_folder(folder):
+    from gpt2_fast.checkpoint import checkpoint_path, save_checkpoint
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)).eval()
+    save_checkpoint(checkpoint_path(str(folder), 7), {"step": 7, "model_config": m.config.to_dict(),
+                                                     "model": m.state_dict()})
+    return m
+
+
+def test_eval_val_data_and_hellaswag_from_the_cli(tmp_path, capsys):
+    import json
+
+    from gpt2_fast.data import prepare
+    from gpt2_fast.eval import val_loss
+    m = _tiny_training_folder(tmp_path / "run")
+    (tmp_path / "a.txt").write_text("In the beginning God created the heaven and the earth. " * 800)
+    prepare([str(tmp_path / "a.txt")], str(tmp_path / "data"), val_fraction=0.3, shard_tokens=1000,
+            progress=False)
+    hs = tmp_path / "hs.jsonl"
+    hs.write_text(json.dumps({"ctx": "In the", "endings": ["beginning", "end"], "label": 0}) + "\n")
+    out = tmp_path / "res.json"
+    assert main(["eval", "--model", str(tmp_path / "run"), "--val-data", str(tmp_path / "data"),
+                 "--hellaswag", str(hs), "--out", str(out), "--batch-size", "3"]) == 0
+    res = json.loads(out.read_text())
+    assert [r["task"] for r in res] == ["val", "hellaswag"]
+    assert res[0]["loss"] == pytest.approx(val_loss(m, str(tmp_path / "data"))["loss"], rel=1e-6)
+    assert set(res[1]) >= {"acc", "acc_norm", "acc_bytes"}
+    assert "val" in capsys.readouterr().out
+    # --out exists: refused before the model loads, the file kept
+    assert main(["eval", "--model", str(tmp_path / "run"), "--val-data", str(tmp_path / "data"),
+                 "--json", str(out)]) == 2
+    assert "--overwrite" in _one_error_line(capsys, "eval") and json.loads(out.read_text()) == res
+
+
+@pytest.mark.parametrize("flags, expect", [
+    (["--batch-size", "0"], "--batch-size: expected a positive integer"),
+    (["--json", "{tmp}"], "is a folder"),
+    (["--out", "{tmp}/no/such/dir/r.json"], "does not exist"),
+    (["--lambada", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
+    (["--val-data", "{tmp}"], "no val shards"),
+    (["--task", "nope:x"], "unknown task 'nope'"),
+    ([], "nothing to evaluate"),
+    (["--device", "cuda:99"] if torch.cuda.is_available() else ["--device", "cuda"], "--device cuda"),
+])
+def test_eval_errors_before_loading(flags, expect, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello world")
+    base = [] if flags and flags[0] in ("--lambada", "--val-data", "--task") or not flags else \
+        ["--ppl", str(tmp_path / "t.txt")]
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    assert main(["eval", "--model", str(tmp_path / "not-there")] + base + flags) == 2
+    err = _one_error_line(capsys, "eval")
+    assert expect in err and "not-there" not in err, err

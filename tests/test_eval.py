@@ -124,3 +124,105 @@ def test_detokenizers():
     wiki = " = = Gameplay = = \n The game @-@ play , which ( as noted ) cost 1 @,@ 000 , was \" fun \" ."
     assert E.detokenize_wikitext(wiki) == ' == Gameplay ==\nThe game-play, which (as noted) cost 1,000, was "fun" .'
     assert E.detokenize_ptb("it does n't rise N % , he 's sure . \n") == "it doesn't rise N%, he's sure.\n"
+
+
+def _nll_by_hand(model, ctx, cont):
+    return -sum(float(logprobs_next(model, ctx + cont[:j])[cont[j]]) for j in range(len(cont)))
+
+
+HELLASWAG = [  # llm.c's fields (plus some it ignores), hand-made
+    {"ind": 1, "activity_label": "Bible", "ctx": "And God said, Let there be", "label": 0,
+     "endings": ["light: and there was light.", "a banana", "cows", "the firmament in the midst of the waters"]},
+    {"ind": 2, "ctx": "In the beginning", "label": "2",
+     "endings": ["God created the heaven and the earth.", "was", "the end", "of days and nights and more words"]},
+    {"ind": 3, "ctx": "The evening and the morning were", "label": 3,
+     "endings": ["the first day", "x", "green and fast and very loud indeed", "day"]},
+]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_hellaswag_matches_a_direct_computation(model, tmp_path):
+    from gpt2_fast.hellaswag import hellaswag
+    tok = get_tokenizer()
+    path = _write_jsonl(tmp_path / "hs.jsonl", HELLASWAG)
+    right = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
+    for ex in HELLASWAG:
+        ctx = tok.encode(ex["ctx"])
+        conts = [tok.encode(" " + e) for e in ex["endings"]]
+        nll = [_nll_by_hand(model, ctx, c) for c in conts]
+        per = {"acc": nll, "acc_norm": [n / len(c) for n, c in zip(nll, conts)],
+               "acc_bytes": [n / len((" " + e).encode()) for n, e in zip(nll, ex["endings"])]}
+        for k, v in per.items():
+            right[k] += min(range(4), key=v.__getitem__) == int(ex["label"])
+    got = hellaswag(model, path, batch_size=3)
+    assert got == {k: v / 3 for k, v in right.items()} | {"n": 3}
+
+
+def test_hellaswag_predictable_with_a_uniform_model(tmp_path):
+    """All weights zero: every token has log-prob -ln V, so the sum picks the ending with the fewest
+    tokens, and per-token scores all tie (the first ending wins, as argmin in llm.c)."""
+    from gpt2_fast.hellaswag import hellaswag
+    uniform = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)).eval()
+    with torch.no_grad():
+        for p in uniform.parameters():
+            p.zero_()
+    path = _write_jsonl(tmp_path / "hs.jsonl", HELLASWAG)  # fewest tokens: ending 2, 1, 1; labels 0, 2, 3
+    assert hellaswag(uniform, path) == {"acc": 0.0, "acc_norm": 1 / 3, "acc_bytes": 0.0, "n": 3}
+    bad = dict(HELLASWAG[0], label=4)
+    with pytest.raises(ValueError, match=r"example 1: 'label' must index 'endings'"):
+        hellaswag(uniform, _write_jsonl(tmp_path / "bad.jsonl", [bad]))
+    with pytest.raises(ValueError, match=r"bad2.jsonl:1: expected fields \['ctx', 'endings', 'label'\]"):
+        hellaswag(uniform, _write_jsonl(tmp_path / "bad2.jsonl", [{"ctx": "x"}]))
+
+
+def test_lambada_last_word_after_any_whitespace():
+    assert E.split_last_word("He said\nhello") == ("He said", " hello")
+    assert E.split_last_word("a b\t\tc \n") == ("a b", " c")
+    with pytest.raises(ValueError, match="context and a last word"):
+        E.split_last_word("  alone\n")
+
+
+@pytest.mark.parametrize("norm", ["sum", "token", "byte"])
+def test_choice_normalisations(model, tmp_path, norm):
+    tok = get_tokenizer()
+    rows = [{"context": "And God said", "choices": [" Let there be light", " banana", " the"], "label": 0},
+            {"context": "In the", "choices": [" beginning", " end of all things"], "label": 1}]
+    path = _write_jsonl(tmp_path / "c.jsonl", rows)
+    correct = 0
+    for r in rows:
+        c = tok.encode(r["context"])
+        size = {"sum": lambda s: 1, "token": lambda s: len(tok.encode(s)), "byte": lambda s: len(s.encode())}[norm]
+        scores = [_nll_by_hand(model, c, tok.encode(ch)) / size(ch) for ch in r["choices"]]
+        correct += min(range(len(scores)), key=scores.__getitem__) == r["label"]
+    assert E.choice(model, path, norm=norm) == {"acc": correct / 2, "n": 2, "norm": norm}
+
+
+def test_val_loss_is_the_mean_over_every_val_token(model, tmp_path):
+    from gpt2_fast.data import write_shard
+    import numpy as np
+    gen = np.random.default_rng(0)
+    a, b = gen.integers(0, 50257, 23), gen.integers(0, 50257, 18)  # 41 tokens over two shards
+    write_shard(str(tmp_path / "x_val_000000.bin"), a.astype(np.uint16))
+    write_shard(str(tmp_path / "x_val_000001.bin"), b.astype(np.uint16))
+    write_shard(str(tmp_path / "x_train_000000.bin"), a.astype(np.uint16))
+    ids = np.concatenate([a, b]).tolist()
+    nll = []  # windows of 17 tokens every 16: positions 1..40 each once, context from their window start
+    for i in range(1, len(ids)):
+        start = (i - 1) // 16 * 16
+        nll.append(-float(logprobs_next(model, ids[start:i])[ids[i]]))
+    got = E.val_loss(model, str(tmp_path), batch_size=2)
+    assert got["tokens"] == 40 and got["shards"] == 2
+    assert got["loss"] == pytest.approx(sum(nll) / 40, rel=1e-5)
+    assert got["ppl"] == pytest.approx(math.exp(sum(nll) / 40), rel=1e-5)
+    assert E.val_loss(model, str(tmp_path), max_length=8, limit=10)["tokens"] == 10
+
+
+def test_progress_bar_on_request(model, capsys):
+    E.perplexity(model, TEXT, max_length=8, stride=4, progress=True)
+    assert "perplexity" in capsys.readouterr().err
+    E.perplexity(model, TEXT, max_length=8, stride=4)
+    assert capsys.readouterr().err == ""
