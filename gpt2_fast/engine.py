@@ -183,7 +183,8 @@ class Engine:
     """
 
     def __init__(self, model, cuda_graph: Optional[bool] = None, max_seq_len: Optional[int] = None,
-                 sync_every: Optional[int] = None, cpu_layout: bool = False):
+                 sync_every: Optional[int] = None, cpu_layout: bool = False,
+                 decode_step: Optional[str] = None):
         _check_model(model)
         self.model = model
         self.device = model.transformer.wte.weight.device
@@ -202,6 +203,11 @@ class Engine:
         self._identity = None
         self._pool = None
         self.extra_graphs: dict = {}  # other static-buffer graphs on this model (speculative verify)
+        # decode_step: "unfused" | "fused" (gpt2_fast/decode_fused.py); None = choices.py's, resolved
+        # in _prepare, like the runner of a CUDA step (decode_runner: "graph" | "compile")
+        from .choices import choice
+        self._requested_step, self.step_kind, self._fused = decode_step, None, None
+        self.decode_runner = choice("decode_runner")
 
     # -- buffers, cache and graph bookkeeping -------------------------------------------------
 
@@ -230,6 +236,9 @@ class Engine:
                 self._buffers.clear()
                 self.extra_graphs.clear()
                 self._identity = identity
+                from .decode_fused import FusedDecodeStep, resolve_step
+                self.step_kind = resolve_step(self._requested_step, self.device)
+                self._fused = FusedDecodeStep(m) if self.step_kind == "fused" else None
             buf = self._buffers.get(bucket)
             if buf is None or buf.seq_len < m.max_seq_len:
                 buf = self._buffers[bucket] = StepBuffers(bucket, m.max_seq_len, self.device)
@@ -237,6 +246,8 @@ class Engine:
 
     def _step(self, buf: StepBuffers, mode: SamplingMode, live: Optional[int] = None) -> None:
         """One decode step on the static buffers; what the CUDA graph captures."""
+        if self._fused is not None:
+            return self._fused(buf, mode)
         pos = buf.pos                                                        # (1,)
         tok = buf.seq.index_select(1, pos)                                   # (Bb, 1)
         logits = self.model.forward_cached(tok, pos, buf.kv_start, live=live)[:, -1]  # (Bb, V)
@@ -254,6 +265,9 @@ class Engine:
         def reset():
             buf.pos.copy_(pos0)
             buf.done.copy_(done0)
+        if self.decode_runner == "compile":
+            from .decode_fused import compiled_runner
+            return compiled_runner(lambda: self._step(buf, mode), self.device, reset)
         return self.capture(lambda: self._step(buf, mode), reset)
 
     def capture(self, fn, reset=None):
