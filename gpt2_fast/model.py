@@ -3,7 +3,9 @@
 Pre-LayerNorm blocks, a final LayerNorm, tanh-GELU MLP of 4d, learned positions, lm_head tied
 to wte. Parameter names are HF's / nanoGPT's (`transformer.wte`, `transformer.h.0.attn.c_attn`,
 ...), with nn.Linear (out, in) weights where HF's Conv1D stores (in, out): gpt2_fast/hf.py
-transposes those four on load and save. Every fused op goes through gpt2_fast/ops.py.
+transposes those four on load and save. Every fused op goes through gpt2_fast/ops.py: each module
+holds `self.kernels = ops.dispatch(backend)`, resolved at construction and by set_backend, so a
+forward does no look-ups and torch.compile(fullgraph=True) traces it whole.
 
 forward(idx, targets=None, input_pos=None, kv_start=None):
   input_pos None  -> training / full forward (causal flash attention over idx).
@@ -20,6 +22,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -50,7 +53,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
-        self.backend = config.backend
+        self.backend, self.kernels = config.backend, ops.dispatch(config.backend)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -66,16 +69,16 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         if input_pos is None:
             p = self.dropout if self.training else 0.0
-            y = ops.attention(q, k, v, causal=True, dropout_p=p, backend=self.backend)
+            y = self.kernels.attention(q, k, v, causal=True, dropout_p=p)
         else:
             k_cache, v_cache = self.kv_cache.update(input_pos, k, v)      # (B, nh, S, hs)
             if fresh:  # prefill of an empty, unpadded cache: plain causal attention over the prompt
-                y = ops.attention(q, k, v, causal=True, backend=self.backend)
+                y = self.kernels.attention(q, k, v, causal=True)
             else:
                 if live is not None:  # the host knows the live length: never touch slots past it
                     k_cache, v_cache = k_cache[:, :, :live], v_cache[:, :, :live]
                 kv_len = (input_pos[-1:] + 1).to(torch.int32).expand(B)  # (B,)
-                y = ops.decode_attention(q, k_cache, v_cache, kv_len, kv_start, backend=self.backend)
+                y = self.kernels.decode_attention(q, k_cache, v_cache, kv_len, kv_start)
         y = y.transpose(1, 2).reshape(B, T, C)                           # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -89,13 +92,13 @@ def matmul_no_bias(linear: nn.Module, x: Tensor) -> Tensor:
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.backend = config.backend
+        self.backend, self.kernels = config.backend, ops.dispatch(config.backend)
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = ops.bias_gelu(matmul_no_bias(self.c_fc, x), self.c_fc.bias, backend=self.backend)
+        h = self.kernels.bias_gelu(matmul_no_bias(self.c_fc, x), self.c_fc.bias)
         return self.dropout(self.c_proj(h))
 
 
@@ -103,6 +106,7 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.eps, self.backend = config.layer_norm_epsilon, config.backend
+        self.kernels = ops.dispatch(config.backend)
         self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias)
@@ -111,10 +115,10 @@ class Block(nn.Module):
     def forward(self, x: Tensor, input_pos: Optional[Tensor] = None,
                 kv_start: Optional[Tensor] = None, live: Optional[int] = None,
                 fresh: bool = False) -> Tensor:
-        h = ops.layer_norm(x, self.ln_1.weight, self.ln_1.bias, self.eps, backend=self.backend)
+        h = self.kernels.layer_norm(x, self.ln_1.weight, self.ln_1.bias, self.eps)
         a = self.attn(h, input_pos, kv_start, live, fresh)
         # x = x + attn(ln_1(x)); h = ln_2(x), with the residual add fused into the LayerNorm
-        x, h = ops.add_layer_norm(x, a, self.ln_2.weight, self.ln_2.bias, self.eps, backend=self.backend)
+        x, h = self.kernels.add_layer_norm(x, a, self.ln_2.weight, self.ln_2.bias, self.eps)
         return x + self.mlp(h)
 
 
@@ -122,6 +126,7 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        self.backend, self.kernels = config.backend, ops.dispatch(config.backend)  # see set_backend
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.embedding_rows, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -133,6 +138,7 @@ class GPT(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight  # tied
         self.max_batch_size = self.max_seq_len = -1
+        self.grad_checkpointing = False  # set by training (--grad_checkpointing); see _hidden
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -168,9 +174,10 @@ class GPT(nn.Module):
         """Switch every fused op of this model to `backend` (see gpt2_fast.ops)."""
         GPTConfig(backend=backend)  # validates the name
         self.config.backend = backend
+        kernels = ops.dispatch(backend)  # resolved here, once: forward passes do no look-ups
         for m in self.modules():
-            if hasattr(m, "backend"):
-                m.backend = backend
+            if hasattr(m, "kernels"):
+                m.backend, m.kernels = backend, kernels
         return self
 
     def num_params(self, non_embedding: bool = True) -> int:
@@ -254,16 +261,15 @@ class GPT(nn.Module):
         x = self._hidden(idx, input_pos, kv_start)                      # (B, T, C)
         V = self.config.vocab_size
         if targets is not None and not return_logits:
-            loss = ops.lm_head_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
-                                             targets.reshape(-1), -100, V, backend=self.config.backend)
+            loss = self.kernels.lm_head_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight,
+                                                      targets.reshape(-1), -100, V)
             return None, loss
         if only_last:
             x = x[:, -1:, :]
         logits = self.lm_head(x)[..., :V]                               # (B, T, V)
         loss = None
         if targets is not None:
-            loss = ops.softmax_cross_entropy(logits.reshape(-1, V), targets.reshape(-1), -100,
-                                             backend=self.config.backend)
+            loss = self.kernels.softmax_cross_entropy(logits.reshape(-1, V), targets.reshape(-1), -100)
         return logits, loss
 
     def forward_cached(self, idx: Tensor, input_pos: Tensor, kv_start: Optional[Tensor] = None,
@@ -292,8 +298,11 @@ class GPT(nn.Module):
             pos = (pos[None, :] - kv_start[:, None]).clamp_min(0)        # (B, T)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)       # (B, T, C)
         x = self.transformer.drop(x)
+        recompute = self.grad_checkpointing and input_pos is None and torch.is_grad_enabled()
         for block in self.transformer.h:
-            x = block(x, input_pos, kv_start, live, fresh)
+            if recompute:  # activation checkpointing: the block's activations are recomputed in backward
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, input_pos, kv_start, live, fresh)
         ln_f = self.transformer.ln_f
-        return ops.layer_norm(x, ln_f.weight, ln_f.bias, self.config.layer_norm_epsilon,
-                              backend=self.config.backend)
+        return self.kernels.layer_norm(x, ln_f.weight, ln_f.bias, self.config.layer_norm_epsilon)

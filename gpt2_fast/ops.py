@@ -12,6 +12,14 @@ A backend that does not implement an op (for example cpp has no fused cross-entr
 to torch for that op. The choice is `GPTConfig.backend` ("auto" by default); the environment
 variable GPT2_FAST_BACKEND, when set, overrides it everywhere. "auto" picks, per device, the
 first usable backend of AUTO_ORDER[device type] that implements the op.
+
+Dispatch is decided once, outside traced code: `dispatch(backend)` returns a `Kernels` whose
+per-device tables of functions are resolved when it is made (GPT2_FAST_BACKEND and the
+`attention_fwd` choice are read then, not per call). The model and patch_hf hold one and call
+`kernels.layer_norm(...)`: a forward does one dict read and no imports, so
+`torch.compile(fullgraph=True)` traces a whole training step with zero graph breaks. The
+module-level functions below (`layer_norm(..., backend="auto")`) are the same ops for callers that
+name a backend per call; they re-read the environment each call (eager use, tests, benchmarks).
 """
 from __future__ import annotations
 
@@ -21,10 +29,13 @@ import os
 import types
 from typing import Callable, Optional
 
+import torch.nn.functional as F
+
 import torch
 from torch import Tensor
 
 from . import reference
+from .choices import choice
 
 OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "attention", "decode_attention",
        "softmax_cross_entropy", "lm_head_cross_entropy")
@@ -130,46 +141,173 @@ def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     return backend, fn
 
 
-def _fn(op: str, backend: str, device: torch.device) -> Callable:
-    return resolve(op, requested_backend(backend), device.type)[1]
+# ---------------------------------------------------------------------------------------------
+# torch SDPA as the attention forward (choice "attention_fwd" = "sdpa", CUDA)
+# ---------------------------------------------------------------------------------------------
+
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, dropout_p: float = 0.0,
+                   scale: Optional[float] = None) -> Tensor:
+    """ops.attention's semantics on torch's scaled_dot_product_attention (its backward too).
+
+    q (B, H, Tq, D), k, v (B, H, Tk, D) -> (B, H, Tq, D). causal aligns bottom-right as ours
+    (query i sees key j <= i + Tk - Tq); SDPA's is_causal is top-left, so Tq != Tk takes a mask.
+    """
+    Tq, Tk = q.shape[-2], k.shape[-2]
+    if causal and Tq != Tk:
+        keep = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)  # (Tq, Tk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=causal, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------
-# The public ops. Signatures and semantics: gpt2_fast/reference.py.
+# Kernels: the ops of one backend choice, resolved once
+# ---------------------------------------------------------------------------------------------
+
+class _Unavailable:
+    """Stands in for an op whose requested backend cannot run on a device: raises when called
+    (a model may be built where its backend cannot run, and moved before it runs)."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __call__(self, *args, **kwargs):
+        raise BackendUnavailable(self.reason)
+
+
+def _device_types_now() -> tuple[str, ...]:
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+def _resolve_table(backend: str, device_type: str, attention_fwd: str) -> tuple[dict, dict]:
+    """({op: function}, {op: backend name}) for one device type."""
+    fns, names = {}, {}
+    for op in OPS:
+        try:
+            names[op], fns[op] = resolve(op, backend, device_type)
+        except BackendUnavailable as e:
+            names[op], fns[op] = "unavailable", _Unavailable(str(e))
+    if device_type == "cuda" and names["attention"] == "triton" and attention_fwd == "sdpa":
+        names["attention"], fns["attention"] = "sdpa", sdpa_attention
+    return fns, names
+
+
+class Kernels:
+    """The fused ops of one backend, each resolved once per device type.
+
+    Made by `dispatch(backend)`; tables for "cpu" (and "cuda" when present) are resolved at once,
+    any other device type on its first call. Calls do one dict read, so torch.compile traces
+    straight into the chosen implementation. Shared and immutable: copying returns it; pickling
+    resolves it again where it is loaded.
+    """
+
+    def __init__(self, backend: str, attention_fwd: str):
+        self.backend, self.attention_fwd = backend, attention_fwd
+        self._fns: dict[str, dict] = {}
+        self._names: dict[str, dict] = {}
+        for device_type in _device_types_now():
+            self._table(device_type)
+
+    def _table(self, device_type: str) -> dict:
+        fns = self._fns.get(device_type)
+        if fns is None:  # a device type first met here (eager only: this resolves and imports)
+            fns, self._names[device_type] = _resolve_table(self.backend, device_type, self.attention_fwd)
+            self._fns[device_type] = fns
+        return fns
+
+    def names(self, device_type: str) -> dict:
+        """{op: the backend that runs it on device_type} ("sdpa" for the SDPA attention forward)."""
+        self._table(device_type)
+        return dict(self._names[device_type])
+
+    def __repr__(self) -> str:
+        return f"Kernels(backend={self.backend!r}, attention_fwd={self.attention_fwd!r})"
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return _kernels_for, (self.backend, self.attention_fwd)
+
+    # The ops. Signatures and semantics: gpt2_fast/reference.py.
+    def layer_norm(self, x, weight, bias, eps=1e-5):
+        return self._table(x.device.type)["layer_norm"](x, weight, bias, eps)
+
+    def add_layer_norm(self, x, residual, weight, bias, eps=1e-5):
+        return self._table(x.device.type)["add_layer_norm"](x, residual, weight, bias, eps)
+
+    def bias_gelu(self, x, bias):
+        return self._table(x.device.type)["bias_gelu"](x, bias)
+
+    def attention(self, q, k, v, causal=True, dropout_p=0.0, scale=None):
+        return self._table(q.device.type)["attention"](q, k, v, causal, dropout_p, scale)
+
+    def decode_attention(self, q, k_cache, v_cache, kv_len, kv_start=None, scale=None):
+        return self._table(q.device.type)["decode_attention"](q, k_cache, v_cache, kv_len, kv_start, scale)
+
+    def softmax_cross_entropy(self, logits, targets, ignore_index=-100):
+        return self._table(logits.device.type)["softmax_cross_entropy"](logits, targets, ignore_index)
+
+    def lm_head_cross_entropy(self, hidden, weight, targets, ignore_index=-100, vocab_size=None):
+        return self._table(hidden.device.type)["lm_head_cross_entropy"](
+            hidden, weight, targets, ignore_index, vocab_size)
+
+
+_KERNELS: dict[tuple[str, str], Kernels] = {}
+
+
+def _kernels_for(backend: str, attention_fwd: str) -> Kernels:
+    key = (backend, attention_fwd)
+    if key not in _KERNELS:
+        _KERNELS[key] = Kernels(backend, attention_fwd)
+    return _KERNELS[key]
+
+
+def dispatch(backend: str = "auto") -> Kernels:
+    """The Kernels for `backend` ("auto" | "torch" | "triton" | "cuda" | "cpp"), GPT2_FAST_BACKEND
+    and the attention_fwd choice (GPT2_FAST_ATTN_FWD) applied as they are set now."""
+    if backend not in ("auto",) + tuple(BACKEND_MODULES):
+        raise ValueError(f"unknown backend {backend!r}; expected one of auto, {', '.join(BACKEND_MODULES)}")
+    return _kernels_for(requested_backend(backend), choice("attention_fwd"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The public ops with a backend per call. Signatures and semantics: gpt2_fast/reference.py.
 # ---------------------------------------------------------------------------------------------
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5,
                backend: str = "auto") -> Tensor:
-    return _fn("layer_norm", backend, x.device)(x, weight, bias, eps)
+    return dispatch(backend).layer_norm(x, weight, bias, eps)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float = 1e-5, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """(s, y): s = x + residual, y = layer_norm(s)."""
-    return _fn("add_layer_norm", backend, x.device)(x, residual, weight, bias, eps)
+    return dispatch(backend).add_layer_norm(x, residual, weight, bias, eps)
 
 
 def bias_gelu(x: Tensor, bias: Optional[Tensor], backend: str = "auto") -> Tensor:
-    return _fn("bias_gelu", backend, x.device)(x, bias)
+    return dispatch(backend).bias_gelu(x, bias)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, dropout_p: float = 0.0,
               scale: Optional[float] = None, backend: str = "auto") -> Tensor:
-    return _fn("attention", backend, q.device)(q, k, v, causal, dropout_p, scale)
+    return dispatch(backend).attention(q, k, v, causal, dropout_p, scale)
 
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_len: Tensor,
                      kv_start: Optional[Tensor] = None, scale: Optional[float] = None,
                      backend: str = "auto") -> Tensor:
-    return _fn("decode_attention", backend, q.device)(q, k_cache, v_cache, kv_len, kv_start, scale)
+    return dispatch(backend).decode_attention(q, k_cache, v_cache, kv_len, kv_start, scale)
 
 
 def softmax_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100,
                           backend: str = "auto") -> Tensor:
-    return _fn("softmax_cross_entropy", backend, logits.device)(logits, targets, ignore_index)
+    return dispatch(backend).softmax_cross_entropy(logits, targets, ignore_index)
 
 
 def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
                           vocab_size: Optional[int] = None, backend: str = "auto") -> Tensor:
-    return _fn("lm_head_cross_entropy", backend, hidden.device)(
-        hidden, weight, targets, ignore_index, vocab_size)
+    return dispatch(backend).lm_head_cross_entropy(hidden, weight, targets, ignore_index, vocab_size)

@@ -7,18 +7,24 @@ fake tensors, in which `wrap_triton` launches nothing, so torch.compile and CUDA
 through them without a hand-written register_fake. The autograd.Function of each op calls the
 registered ops: dynamo traces the Function, inductor sees the kernels.
 
-Under TRITON_INTERPRET=1 on CPU the registered ops run eagerly as plain Python; torch.compile of
-them does not (the interpreter reads data pointers of fake tensors), which only matters on CPU.
+Under TRITON_INTERPRET=1 (CPU tests) the kernels are plain Python that reads real data pointers,
+so there `triton_op` registers an opaque custom op instead: its fake implementation is the launcher
+run on fake tensors with the launches skipped, and torch.compile (aot_eager, inductor) calls the
+real op at run time. The compiled graph is the same op-for-op; only inductor's view into the
+Triton kernels is lost, which the interpreter cannot give anyway.
 
 Kept small and stable: the attention kernel files import `triton_op`, `launch`, `num_programs`.
 """
+import os
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
 NAMESPACE = "gpt2_fast_triton"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # as Triton reads it when @triton.jit runs
 
 
 def triton_op(name: str, mutates_args=()) -> Callable:
@@ -27,6 +33,12 @@ def triton_op(name: str, mutates_args=()) -> Callable:
     The decorated function must take and return tensors (or tuples of them), allocate its outputs
     and never return a view of an input.
     """
+    if INTERPRET:
+        def register(fn: Callable):
+            op = torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)(fn)
+            op.register_fake(fn)  # launch() skips the kernels on fake tensors
+            return op
+        return register
     return torch.library.triton_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)
 
 
@@ -34,11 +46,28 @@ def launch(kernel):
     """The launchable form of a @triton.jit kernel inside a triton_op: `launch(k)[grid](...)`.
 
     Under TRITON_INTERPRET=1, @triton.jit gives an InterpretedFunction, which wrap_triton cannot
-    trace (and older torch rejects): it is launched as is.
+    trace (and older torch rejects): it is launched as is, except on fake tensors (a fake
+    implementation or torch.compile tracing), where nothing is launched, as wrap_triton does.
     """
     if isinstance(kernel, JITFunction):
         return wrap_triton(kernel)
-    return kernel
+    return _Interpreted(kernel)
+
+
+class _Interpreted:
+    """`kernel[grid](*args)` of an interpreted kernel that does nothing when an argument is fake."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        run = self.kernel[grid]
+
+        def call(*args, **kwargs):
+            if any(isinstance(a, FakeTensor) for a in (*args, *kwargs.values())):
+                return None
+            return run(*args, **kwargs)
+        return call
 
 
 def num_programs(device: torch.device, per_sm: int = 4, cpu: int = 4) -> int:
