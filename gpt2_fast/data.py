@@ -4,7 +4,20 @@ Shard format (the llm.c layout, so llm.c reads our shards and we read its):
     header  256 x int32 little-endian: [MAGIC=20240520, VERSION=1, n_tokens, 0, ...]
     body    n_tokens x uint16 GPT-2 token ids
 Documents are separated by <|endoftext|> (50256), which also starts the stream. A prepared
-folder holds {name}_{split}_{index:06d}.bin shards plus meta.json (token counts, sources).
+folder holds {name}_{split}_{index:06d}.bin shards plus meta.json (token counts, sources, and
+the list of shards: the loader reads exactly those). One folder holds one corpus: preparing a
+second corpus into it is refused (prepare(..., replace=True) / --replace swaps it in).
+
+`prepare` streams its inputs (READ_CHUNK_BYTES at a time, cut where GPT-2's pre-tokenizer never
+joins, so the ids equal those of the whole text) and writes the new shards into a temporary
+folder inside the output folder; only when everything succeeded are they renamed into place,
+meta.json replaced, and the previous shards of that corpus removed. A failure or Ctrl-C before
+then leaves the previous shards and meta.json as they were.
+
+Shards are found (shard_paths) from a prepared folder (meta.json), a folder without meta.json
+holding one corpus's shards (llm.c's layout: x_train_000000.bin or tiny_shakespeare_train.bin),
+one shard file (its split sibling: tiny_shakespeare_train.bin -> tiny_shakespeare_val.bin), or
+a glob.
 
 The train/val split is made on the token stream: of every `split_every` consecutive blocks of
 SPLIT_BLOCK tokens, the last goes to val. A single long text (the bundled Bible) thus gets a val
@@ -20,13 +33,21 @@ state_dict() / load_state_dict(), independent of B and of the number of ranks.
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import glob
 import gzip
 import hashlib
 import json
 import os
+import re
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -101,36 +122,146 @@ def read_shard(path: str) -> np.ndarray:
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
 
 
+_SHARD_RE = re.compile(r"^(?P<corpus>.+)_(?P<split>train|val)(?:_\d+)?\.bin$")
+
+
+def _split_of(path: str, split: str) -> bool:
+    m = _SHARD_RE.match(os.path.basename(path))
+    return bool(m) and m.group("split") == split
+
+
+def read_meta(folder: str) -> Optional[dict]:
+    """meta.json of a prepared folder, or None when there is none."""
+    path = os.path.join(folder, "meta.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e}); re-run `gpt2-fast prepare`") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("shards"), dict):
+        raise ValueError(f"{path}: expected gpt2-fast prepare's meta.json with a 'shards' entry")
+    return meta
+
+
 def shard_paths(data: str, split: str) -> list[str]:
-    """The shards of `split` in folder `data` (or matching the glob `data`), sorted."""
+    """The shards of `split` (train / val) named by `data`: a prepared folder (exactly the shards
+    its meta.json lists), a folder of one corpus's shards, one shard file, or a glob; sorted."""
     if os.path.isdir(data):
-        paths = sorted(glob.glob(os.path.join(data, f"*_{split}_*.bin")))
-        where = f"folder {data}"
+        meta = read_meta(data)
+        if meta is not None:
+            paths = [os.path.join(data, n) for n in meta["shards"].get(split, [])]
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise FileNotFoundError(f"{os.path.join(data, 'meta.json')} lists {missing[0]}, which is missing "
+                                        f"({len(missing)} of {len(paths)} {split} shards); re-run `gpt2-fast prepare`")
+            where = f"folder {data} (its meta.json lists none)"
+        else:
+            paths = sorted(p for p in glob.glob(os.path.join(data, "*.bin")) if _split_of(p, split))
+            corpora = sorted({_SHARD_RE.match(os.path.basename(p)).group("corpus") for p in paths})
+            if len(corpora) > 1:
+                raise ValueError(f"folder {data} holds the {split} shards of {len(corpora)} corpora "
+                                 f"({', '.join(corpora[:4])}) and no meta.json; pass one of them as a glob, "
+                                 f"e.g. '{os.path.join(data, corpora[0])}_*.bin'")
+            where = f"folder {data}"
+    elif os.path.isfile(data):
+        paths, where = _sibling_shard(data, split)
     else:
-        paths = sorted(p for p in glob.glob(data) if f"_{split}_" in os.path.basename(p))
+        paths = sorted(p for p in glob.glob(data) if _split_of(p, split))
         where = f"pattern {data!r}"
     if not paths:
-        raise FileNotFoundError(f"no {split} shards (*_{split}_*.bin) in {where}; "
+        raise FileNotFoundError(f"no {split} shards (*_{split}_*.bin or *_{split}.bin) in {where}; "
                                 f"run `gpt2-fast prepare` first")
     return paths
+
+
+def _sibling_shard(path: str, split: str) -> tuple[list[str], str]:
+    """One shard file given for data: itself for its own split, its sibling for the other
+    (tiny_shakespeare_train.bin <-> tiny_shakespeare_val.bin)."""
+    m = _SHARD_RE.match(os.path.basename(path))
+    if not m:
+        raise ValueError(f"{path}: expected a token shard named like NAME_train.bin, NAME_val.bin or "
+                         f"NAME_train_000000.bin (llm.c's layout), or a prepared folder")
+    if m.group("split") == split:
+        return [path], f"file {path}"
+    name = os.path.basename(path)
+    i = name.rfind("_" + m.group("split"))
+    sibling = os.path.join(os.path.dirname(path), name[:i] + "_" + split + name[i + 1 + len(m.group("split")):])
+    return ([sibling] if os.path.isfile(sibling) else []), f"{sibling} (the {split} sibling of {path})"
 
 
 # ---------------------------------------------------------------------------------------------
 # prepare: text -> shards
 # ---------------------------------------------------------------------------------------------
 
-def _read_text(path: str) -> str:
-    opener = gzip.open if path.endswith(".gz") else open
+READ_CHUNK_BYTES = 4 << 20  # prepare reads its inputs this much at a time
+MAX_PIECE_CHARS = 64 << 20  # a text with no safe cut point is cut here anyway
+
+
+def _iter_text(path: str, chunk_bytes: Optional[int] = None) -> Iterator[str]:
+    """The UTF-8 text of a file (.gz decompressed), decoded chunk_bytes at a time; errors name
+    the file (and the byte offset of invalid UTF-8)."""
+    chunk_bytes = chunk_bytes or READ_CHUNK_BYTES
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    offset = 0
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as e:
+        with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+            while True:
+                raw = f.read(chunk_bytes)
+                try:
+                    text = decoder.decode(raw, final=not raw)
+                except UnicodeDecodeError as e:
+                    at = offset - (len(e.object) - len(raw)) + e.start
+                    raise ValueError(f"{path}: not UTF-8 text (invalid byte 0x{e.object[e.start]:02x} at "
+                                     f"offset {at}); convert it to UTF-8 first") from None
+                offset += len(raw)
+                if text:
+                    yield text
+                if not raw:
+                    return
+    except (OSError, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: cannot read ({type(e).__name__}: {e})") from e
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset "
-                         f"{e.start}); convert it to UTF-8 first") from None
+
+
+def _read_text(path: str) -> str:
+    return "".join(_iter_text(path))
+
+
+def safe_cut(text: str) -> int:
+    """The last i > 0 where text[i-1] is not whitespace and text[i] is, else 0. Encoding text[:i]
+    and text[i:] apart gives the ids of encoding the whole: no alternative of GPT-2's
+    pre-tokenizer pattern matches a non-space character followed by whitespace, and it has no
+    look-behind, so a match boundary always falls there."""
+    i = len(text) - 1
+    while i > 0 and not (text[i].isspace() and not text[i - 1].isspace()):
+        i -= 1
+    return max(i, 0)
+
+
+def _text_pieces(chunks: Iterable[str]) -> Iterator[str]:
+    """Re-cut a stream of text chunks at safe points (safe_cut)."""
+    buf = ""
+    for chunk in chunks:
+        buf += chunk
+        cut = safe_cut(buf)
+        if cut == 0 and len(buf) > MAX_PIECE_CHARS:
+            cut = len(buf)  # no whitespace at all for 64M characters: cut anyway
+        if cut:
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def _lines(chunks: Iterable[str]) -> Iterator[str]:
+    buf = ""
+    for chunk in chunks:
+        buf += chunk
+        *lines, buf = buf.split("\n")
+        yield from lines
+    if buf:
+        yield buf
 
 
 def parse_jsonl(lines: Iterable[str], path: str) -> Iterator[tuple[int, object]]:
@@ -144,26 +275,40 @@ def parse_jsonl(lines: Iterable[str], path: str) -> Iterator[tuple[int, object]]
             raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
 
 
-def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
-    """The documents of one file: a .jsonl(.gz) gives one per line ({text_field: ...}),
-    any other file is one document."""
-    text = _read_text(path)
-    if not text.strip():
-        raise ValueError(f"{path}: the file is empty (no text to tokenize)")
+def iter_pieces(path: str, text_field: str = "text") -> Iterator[tuple[bool, str]]:
+    """(starts a document, text) pieces of one file, streamed: a .jsonl(.gz) gives one document
+    per line ({text_field: ...}); any other file is one document, in pieces cut at safe points."""
     base = path[:-3] if path.endswith(".gz") else path
-    if not base.endswith(".jsonl"):
-        yield text
-        return
     n = 0
-    for lineno, obj in parse_jsonl(text.splitlines(), path):
-        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-            raise ValueError(f"{path}:{lineno}: expected an object with a string field "
-                             f"{text_field!r}, got {str(obj)[:80]!r}")
-        if obj[text_field]:
-            n += 1
-            yield obj[text_field]
-    if n == 0:
-        raise ValueError(f"{path}: no non-empty {text_field!r} field in any line")
+    if base.endswith(".jsonl"):
+        for lineno, obj in parse_jsonl(_lines(_iter_text(path)), path):
+            if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
+                raise ValueError(f"{path}:{lineno}: expected an object with a string field "
+                                 f"{text_field!r}, got {str(obj)[:80]!r}")
+            if obj[text_field]:
+                n += 1
+                yield True, obj[text_field]
+        if n == 0:
+            raise ValueError(f"{path}: no non-empty {text_field!r} field in any line")
+        return
+    started = has_text = False
+    for piece in _text_pieces(_iter_text(path)):
+        yield not started, piece
+        started, has_text = True, has_text or bool(piece.strip())
+    if not has_text:
+        raise ValueError(f"{path}: the file is empty (no text to tokenize)")
+
+
+def iter_documents(path: str, text_field: str = "text") -> Iterator[str]:
+    """The documents of one file, each whole (iter_pieces joined)."""
+    doc: list[str] = []
+    for new, piece in iter_pieces(path, text_field):
+        if new and doc:
+            yield "".join(doc)
+            doc = []
+        doc.append(piece)
+    if doc:
+        yield "".join(doc)
 
 
 def list_inputs(inputs: Sequence[str]) -> list[str]:
@@ -188,6 +333,7 @@ def list_inputs(inputs: Sequence[str]) -> list[str]:
 
 
 PARALLEL_MIN_CHARS = 1 << 20  # documents longer than this are cut into pieces for the threads
+BATCH_CHARS = 8 << 20  # characters tokenized together (on all threads) while streaming
 
 
 def _split_points(text: str, pieces: int, min_piece: int = 65536) -> list[str]:
@@ -256,12 +402,13 @@ class _ShardWriter:
 
 def prepare(inputs: Sequence[str], out_dir: str, name: Optional[str] = None, val_fraction: float = 0.05,
             shard_tokens: int = 100_000_000, text_field: str = "text", num_threads: Optional[int] = None,
-            progress: bool = True) -> dict:
+            progress: bool = True, replace: bool = False) -> dict:
     """Tokenize text files / folders into train and val shards in out_dir; returns meta.json's dict.
 
     Each document is preceded by <|endoftext|>. val_fraction (0 <= f < 0.5) of the token stream
-    goes to val, in blocks spread over the whole stream. Existing shards of the same name are
-    replaced.
+    goes to val, in blocks spread over the whole stream. The shards of an earlier preparation of
+    the same corpus (name) are replaced, after success only; a different corpus already in out_dir
+    is refused unless replace=True (then the files its meta.json lists are replaced).
     """
     if not 0.0 <= val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in [0, 0.5), got {val_fraction}")
@@ -269,9 +416,78 @@ def prepare(inputs: Sequence[str], out_dir: str, name: Optional[str] = None, val
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     files = list_inputs(inputs)
     name = name or _default_name(files)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.\-]*(?:_[A-Za-z0-9.\-]+)*", name) or \
+            _SHARD_RE.match(name + "_train.bin").group("corpus") != name:
+        raise ValueError(f"the corpus name must be letters, digits, '.', '-' and single '_' "
+                         f"(not ending in _train / _val), got {name!r}")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"output {out_dir} exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(out_dir, f"{name}_*_*.bin")):
-        os.unlink(old)
+    old_files = _previous_corpus(out_dir, name, replace)
+    tmp = tempfile.mkdtemp(prefix=".tmp-prepare-", dir=out_dir)
+    try:
+        meta = _tokenize(files, tmp, name, val_fraction, shard_tokens, text_field, num_threads, progress)
+        _swap_in(tmp, out_dir, meta, old_files)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # made in this run; empty after a successful swap
+    return meta
+
+
+def _previous_corpus(out_dir: str, name: str, replace: bool) -> list[str]:
+    """Files of an earlier preparation in out_dir that the new one replaces; refuses to mix."""
+    meta = read_meta(out_dir)
+    ours = re.compile(rf"^{re.escape(name)}_(train|val)_\d{{6}}\.bin$")
+    if meta is None:
+        foreign = sorted(f for f in os.listdir(out_dir) if _SHARD_RE.match(f) and not ours.match(f))
+        if foreign:
+            raise FileExistsError(f"{out_dir} holds token shards that no meta.json describes ({', '.join(foreign[:3])}"
+                                  f"{'...' if len(foreign) > 3 else ''}); prepare into another --out folder")
+        return [f for f in os.listdir(out_dir) if ours.match(f)]
+    old = meta.get("name")
+    if old != name and not replace:
+        raise FileExistsError(f"{out_dir} already holds the prepared corpus {old!r} (meta.json); preparing "
+                              f"{name!r} there would mix two corpora: use another --out folder, or --replace "
+                              f"to replace {old!r}")
+    listed = [n for split in ("train", "val") for n in meta["shards"].get(split, [])]
+    return sorted(set(listed + [f"{old}_unigram.npy"] + [f for f in os.listdir(out_dir) if ours.match(f)]))
+
+
+@contextlib.contextmanager
+def _no_interrupt():
+    """Ctrl-C is held back until the block ends (main thread only: elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def _swap_in(tmp: str, out_dir: str, meta: dict, old_files: Sequence[str]) -> None:
+    """Move the new shards and counts from tmp into out_dir, write meta.json, then remove the
+    previous corpus's files; Ctrl-C waits for the end of these renames."""
+    new = [n for split in ("train", "val") for n in meta["shards"][split]] + [f"{meta['name']}_unigram.npy"]
+
+    def write_meta(path: str) -> None:
+        with open(path, "w") as f:
+            f.write(json.dumps(meta, indent=1) + "\n")
+    with _no_interrupt():
+        for n in new:
+            os.replace(os.path.join(tmp, n), os.path.join(out_dir, n))
+        atomic_write(os.path.join(out_dir, "meta.json"), write_meta)
+        for n in sorted(set(old_files) - set(new)):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(out_dir, n))
+
+
+def _tokenize(files: Sequence[str], out_dir: str, name: str, val_fraction: float, shard_tokens: int,
+              text_field: str, num_threads: Optional[int], progress: bool) -> dict:
+    """Stream `files` into shards in out_dir (and the train unigram counts); meta.json's dict."""
     split_every = round(1 / val_fraction) if val_fraction > 0 else 0
     writers = {s: _ShardWriter(out_dir, name, s, shard_tokens) for s in ("train", "val")}
     counts = np.zeros(N_VOCAB, dtype=np.int64)
@@ -294,28 +510,32 @@ def prepare(inputs: Sequence[str], out_dir: str, name: Optional[str] = None, val
             stream_pos += take
 
     eot = np.array([EOT_TOKEN], dtype=np.uint16)
+
+    def flush(batch: list[tuple[bool, str]]) -> None:
+        for (new_doc, _), ids in zip(batch, encode_documents([t for _, t in batch], num_threads)):
+            if new_doc:
+                route(eot)
+            route(ids)
+
     for path in files:
         batch, batch_chars = [], 0
-        for doc in iter_documents(path, text_field):
-            batch.append(doc)
-            batch_chars += len(doc)
-            n_bytes += len(doc.encode("utf-8"))
-            if batch_chars >= 8 << 20:
-                for ids in encode_documents(batch, num_threads):
-                    route(eot), route(ids)
-                n_docs += len(batch)
+        for new_doc, piece in iter_pieces(path, text_field):
+            batch.append((new_doc, piece))
+            batch_chars += len(piece)
+            n_docs += new_doc
+            n_bytes += len(piece.encode("utf-8"))
+            if batch_chars >= BATCH_CHARS:
+                flush(batch)
                 batch, batch_chars = [], 0
-        if batch:
-            for ids in encode_documents(batch, num_threads):
-                route(eot), route(ids)
-            n_docs += len(batch)
+        flush(batch)
         bar.update(os.path.getsize(path))
     bar.close()
     for w in writers.values():
         w.close()
     if writers["train"].total == 0:
         raise ValueError("no training tokens were produced")
-    meta = {
+    np.save(os.path.join(out_dir, f"{name}_unigram.npy"), counts)
+    return {
         "name": name, "format": {"magic": MAGIC, "version": VERSION, "dtype": "uint16"},
         "sources": [{"path": os.path.abspath(f), "bytes": os.path.getsize(f)} for f in files],
         "documents": n_docs, "text_bytes": n_bytes, "val_fraction": val_fraction,
@@ -323,15 +543,6 @@ def prepare(inputs: Sequence[str], out_dir: str, name: Optional[str] = None, val
         "shards": {s: [os.path.basename(p) for p in w.paths] for s, w in writers.items()},
         "seconds": round(time.time() - t0, 2),
     }
-    np.save(os.path.join(out_dir, f"{name}_unigram.npy"), counts)
-
-    def write_meta(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(meta, indent=1) + "\n")
-        _make_readable(tmp)
-
-    atomic_write(os.path.join(out_dir, "meta.json"), write_meta)
-    return meta
 
 
 def _default_name(files: Sequence[str]) -> str:
@@ -363,7 +574,10 @@ def file_sha256(path: str) -> str:
 def unigram_baseline(data: str, alpha: float = 1.0) -> dict:
     """Val cross-entropy (nats/token) of the add-alpha unigram model of the train tokens: the
     loss a model that ignores context would get. Returns {'loss', 'ppl'}."""
-    counts_path = glob.glob(os.path.join(data, "*_unigram.npy"))
+    meta = read_meta(data) if os.path.isdir(data) else None
+    counts_path = [os.path.join(data, f"{meta['name']}_unigram.npy")] if meta else \
+        glob.glob(os.path.join(data, "*_unigram.npy")) if os.path.isdir(data) else []
+    counts_path = [p for p in counts_path if os.path.isfile(p)]
     if counts_path:
         counts = np.load(counts_path[0]).astype(np.float64)
     else:
@@ -506,17 +720,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                               "folders; default: the bundled King James Bible")
     p.add_argument("--out", default="out/data", help="output folder (default: out/data)")
     p.add_argument("--name", default=None, help="shard name prefix (default: the first file's name)")
-    p.add_argument("--val-fraction", type=float, default=0.05)
-    p.add_argument("--shard-tokens", type=int, default=100_000_000)
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of tokens for val, in [0, 0.5)")
+    p.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file")
     p.add_argument("--text-field", default="text", help="the .jsonl field holding the text")
     p.add_argument("--threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a different corpus already prepared in --out (the files its meta.json lists)")
 
 
 def run(args) -> int:
     meta = prepare(args.inputs or [DEFAULT_CORPUS], args.out, name=args.name, val_fraction=args.val_fraction,
                    shard_tokens=args.shard_tokens, text_field=args.text_field, num_threads=args.threads,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, replace=args.replace)
     t = meta["tokens"]
     print(f"{meta['documents']} documents, {meta['text_bytes']:,} bytes -> {t['train']:,} train + "
           f"{t['val']:,} val tokens in {args.out} ({meta['seconds']} s)", file=sys.stderr)

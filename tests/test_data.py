@@ -208,3 +208,151 @@ def test_unigram_baseline_by_hand(tmp_path):
     p = lambda c: (c + 1) / (4 + V)  # noqa: E731  (add-one smoothing)
     want = -(np.log(p(3)) + np.log(p(1)) + np.log(p(0))) / 3
     assert D.unigram_baseline(str(tmp_path))["loss"] == pytest.approx(want, rel=1e-12)
+
+
+# -- prepare never loses data, never mixes corpora ---------------------------------------------
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _good_corpus(tmp_path, name="corpus.txt", n=30_000):
+    src = tmp_path / name
+    src.write_text(kjv_text(n), encoding="utf-8")
+    return src
+
+
+@pytest.mark.parametrize("bad", ["binary", "bad_jsonl", "empty", "interrupt"])
+def test_failed_prepare_keeps_the_previous_shards(tmp_path, monkeypatch, bad):
+    out = tmp_path / "out"
+    D.prepare([str(_good_corpus(tmp_path))], str(out), name="c", shard_tokens=2000, progress=False)
+    before = _snapshot(out)
+    if bad == "binary":
+        src = tmp_path / "c.txt"
+        src.write_bytes(b"ok text " * 100 + bytes(range(256)))
+    elif bad == "bad_jsonl":
+        src = tmp_path / "c.jsonl"
+        src.write_text('{"text": "fine"}\n{"text": \n')
+    elif bad == "empty":
+        src = tmp_path / "c.txt"
+        src.write_text("")
+    else:
+        src = _good_corpus(tmp_path, "c.txt", 60_000)
+        calls = []
+
+        def interrupted(*a, **k):
+            calls.append(1)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(D, "encode_documents", interrupted)
+    with pytest.raises((ValueError, KeyboardInterrupt)):
+        D.prepare([str(src)], str(out), name="c", shard_tokens=2000, progress=False)
+    assert _snapshot(out) == before  # same files, same bytes, no temp folder left
+    assert D.shard_paths(str(out), "train")
+
+
+def test_prepare_replaces_its_own_corpus_only_after_success(tmp_path):
+    out = tmp_path / "out"
+    D.prepare([str(_good_corpus(tmp_path, n=60_000))], str(out), name="c", shard_tokens=2000, progress=False)
+    many = len(D.shard_paths(str(out), "train"))
+    meta = D.prepare([str(_good_corpus(tmp_path, "small.txt", 9_000))], str(out), name="c",
+                     shard_tokens=2000, progress=False)
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted(meta["shards"]["train"] + meta["shards"]["val"] + ["c_unigram.npy", "meta.json"])
+    assert len(meta["shards"]["train"]) < many
+
+
+def test_two_corpora_in_one_folder_are_refused(tmp_path, capsys):
+    from gpt2_fast.cli import main
+    out = tmp_path / "out"
+    D.prepare([str(_good_corpus(tmp_path, "a.txt"))], str(out), progress=False)
+    before = _snapshot(out)
+    with pytest.raises(FileExistsError, match="already holds the prepared corpus 'a'.*--replace"):
+        D.prepare([str(_good_corpus(tmp_path, "b.txt"))], str(out), progress=False)
+    assert main(["prepare", str(tmp_path / "b.txt"), "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2-fast prepare: error: ") and err.count("\n") == 1
+    assert _snapshot(out) == before
+    # the loader reads exactly what meta.json lists: a stray shard is ignored
+    D.write_shard(str(out / "a_train_000099.bin"), np.arange(10, dtype=np.uint16))
+    assert "a_train_000099.bin" not in [os.path.basename(p) for p in D.shard_paths(str(out), "train")]
+    assert main(["prepare", str(tmp_path / "b.txt"), "--out", str(out), "--no-progress", "--replace"]) == 0
+    assert all(os.path.basename(p).startswith("b_") for p in D.shard_paths(str(out), "train"))
+    assert not (out / "a_train_000000.bin").exists() and not (out / "a_unigram.npy").exists()
+    assert (out / "a_train_000099.bin").exists()  # not listed by a's meta.json: not ours to delete
+    os.remove(out / "b_train_000000.bin")
+    with pytest.raises(FileNotFoundError, match="meta.json lists .*b_train_000000.bin"):
+        D.shard_paths(str(out), "train")
+
+
+def test_folder_of_foreign_shards_is_refused_and_mixed_folders_named(tmp_path):
+    llmc = tmp_path / "llmc"
+    llmc.mkdir()
+    D.write_shard(str(llmc / "x_train_000000.bin"), np.arange(100, dtype=np.uint16))
+    with pytest.raises(FileExistsError, match="no meta.json describes"):
+        D.prepare([str(_good_corpus(tmp_path))], str(llmc), progress=False)
+    D.write_shard(str(llmc / "y_train.bin"), np.arange(100, dtype=np.uint16))
+    with pytest.raises(ValueError, match="shards of 2 corpora"):
+        D.shard_paths(str(llmc), "train")
+
+
+def test_llmc_single_file_shards(tmp_path):
+    """llm.c's tinyshakespeare layout: tiny_shakespeare_train.bin + tiny_shakespeare_val.bin."""
+    folder = tmp_path / "tinyshakespeare"
+    folder.mkdir()
+    train, val = str(folder / "tiny_shakespeare_train.bin"), str(folder / "tiny_shakespeare_val.bin")
+    D.write_shard(train, np.arange(300, dtype=np.uint16))
+    D.write_shard(val, np.arange(100, dtype=np.uint16))
+    for spec in (str(folder), train, str(folder / "tiny_shakespeare_*.bin")):
+        assert D.shard_paths(spec, "train") == [train] and D.shard_paths(spec, "val") == [val], spec
+    x, y = D.TokenLoader(train, "train", 2, 8).next_batch()
+    assert x[0].tolist() == list(range(8)) and y[0].tolist() == list(range(1, 9))
+    assert D.TokenLoader(train, "val", 1, 8).n_tokens == 100
+    os.remove(val)
+    with pytest.raises(FileNotFoundError, match="tiny_shakespeare_val.bin"):
+        D.shard_paths(train, "val")
+    odd = tmp_path / "tokens.bin"
+    odd.write_bytes(b"")
+    with pytest.raises(ValueError, match="NAME_train.bin"):
+        D.shard_paths(str(odd), "train")
+
+
+# -- prepare streams ---------------------------------------------------------------------------
+
+def test_streamed_pieces_tokenize_like_the_whole_text(tmp_path, monkeypatch):
+    tok = get_tokenizer()
+    text = (kjv_text(20_000).replace(". ", ".  \n\t ") + " \n \n   x  y\r\n  ") * 2 + "end"
+    src = tmp_path / "w.txt"
+    src.write_text(text, encoding="utf-8")
+    monkeypatch.setattr(D, "READ_CHUNK_BYTES", 997)   # cuts everywhere, even inside UTF-8 characters
+    monkeypatch.setattr(D, "BATCH_CHARS", 3000)
+    pieces = list(D.iter_pieces(str(src)))
+    assert len(pieces) > 20 and [p[0] for p in pieces].count(True) == 1
+    assert "".join(p for _, p in pieces) == text
+    meta = D.prepare([str(src)], str(tmp_path / "o"), val_fraction=0.0, progress=False)
+    got = np.concatenate([D.read_shard(p) for p in D.shard_paths(str(tmp_path / "o"), "train")])
+    assert got.tolist() == [EOT_TOKEN] + tok.encode(text, allow_special=False)
+    assert meta["documents"] == 1 and meta["text_bytes"] == len(text.encode())
+
+
+def test_prepare_memory_is_bounded_by_the_chunk_not_the_file(tmp_path, monkeypatch):
+    """Peak Python memory (tracemalloc) of prepare on a file 4x larger stays the same (about 1 MB:
+    mostly the two 400 kB unigram count arrays), and under the file's size: reading the file whole
+    would cost more than its size."""
+    import tracemalloc
+    monkeypatch.setattr(D, "READ_CHUNK_BYTES", 16 << 10)
+    monkeypatch.setattr(D, "BATCH_CHARS", 32 << 10)
+    D.get_tokenizer()  # built before measuring
+    line = json.dumps({"text": kjv_text(2_000)}) + "\n"
+    peaks = {}
+    for n_lines in (200, 800):
+        src = tmp_path / f"in{n_lines}.jsonl"
+        src.write_text(line * n_lines)
+        tracemalloc.start()
+        try:
+            meta = D.prepare([str(src)], str(tmp_path / f"o{n_lines}"), shard_tokens=20_000, progress=False)
+            peaks[n_lines] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert meta["documents"] == n_lines
+    size = os.path.getsize(tmp_path / "in800.jsonl")
+    assert peaks[800] < 1.25 * peaks[200] and peaks[800] < size, (peaks, size)
