@@ -12,7 +12,13 @@ with torch.load(weights_only=True), mapped to CPU first):
 
 Writes go through gpt2_fast.atomic (temp file, fsync, rename): a crash, kill or full disk in
 the middle of a write leaves the previous checkpoints as they were. Older checkpoints are
-deleted only after the new one is on disk.
+deleted only after the new one is on disk, and only those of lower steps (a folder holds one
+run: gpt2_fast.run_dir). `best.pt` (keep-best) holds the weights of the lowest val loss so far,
+without optimizer state: it loads as a model, not for --resume.
+
+A tied lm_head (GPT-2's: the same tensor as transformer.wte.weight) is stored once, under
+transformer.wte.weight; `model_state_dict` leaves lm_head.weight out (on CUDA, copying both
+names to CPU would otherwise write the 50257 x C matrix twice) and loading re-ties it.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from .config import GPTConfig
 FORMAT = "gpt2_fast.checkpoint"
 VERSION = 1
 _NAME_RE = re.compile(r"^ckpt_(\d+)\.pt$")
+BEST = "best.pt"
 
 
 class CheckpointError(RuntimeError):
@@ -77,6 +84,18 @@ def checkpoint_path(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"ckpt_{step:08d}.pt")
 
 
+def _step_of(path: str) -> int:
+    return int(_NAME_RE.match(os.path.basename(path)).group(1))
+
+
+def model_state_dict(model) -> dict:
+    """model.state_dict() on CPU, a tied lm_head.weight left out (stored once, as wte's)."""
+    sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    if model.lm_head.weight is model.transformer.wte.weight:
+        sd.pop("lm_head.weight", None)
+    return sd
+
+
 def list_checkpoints(out_dir: str) -> list[str]:
     """Checkpoints in out_dir, oldest first (by step)."""
     if not os.path.isdir(out_dir):
@@ -111,8 +130,16 @@ class CheckpointManager:
         self._remove_stale_temps()
         path = checkpoint_path(self.out_dir, step)
         save_checkpoint(path, {"step": step, **state})
-        for old in list_checkpoints(self.out_dir)[:-self.keep_last]:
+        older = [p for p in list_checkpoints(self.out_dir) if _step_of(p) < step]
+        for old in older[:max(0, len(older) - (self.keep_last - 1))]:
             os.unlink(old)
+        return path
+
+    def save_best(self, step: int, state: dict) -> str:
+        """best.pt: the model weights and configs of `state` (no optimizer / RNG / data position)."""
+        path = os.path.join(self.out_dir, BEST)
+        keep = {k: state[k] for k in ("model_config", "train_config", "model", "metrics") if k in state}
+        save_checkpoint(path, {"step": step, "resumable": False, **keep})
         return path
 
     def latest(self) -> Optional[str]:
@@ -121,7 +148,8 @@ class CheckpointManager:
 
     def _remove_stale_temps(self) -> None:
         """Temp files left by a killed writer (atomic_write's .tmp-ckpt_* prefix)."""
-        for tmp in glob.glob(os.path.join(self.out_dir, ".tmp-ckpt_*")):
+        for tmp in glob.glob(os.path.join(self.out_dir, ".tmp-ckpt_*")) + \
+                glob.glob(os.path.join(self.out_dir, f".tmp-{BEST}-*")):
             try:
                 os.unlink(tmp)
             except OSError:
@@ -175,7 +203,8 @@ def model_from_state(state: dict):
     model = GPT(config)
     sd = state["model"]
     missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to wte
+    if model.lm_head.weight is model.transformer.wte.weight:
+        missing = [k for k in missing if k != "lm_head.weight"]  # tied: stored once, as wte's
     if missing or unexpected:
         raise CheckpointError(f"checkpoint weights do not match the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")

@@ -33,9 +33,13 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointManager, load_checkpoint, model_from_state, rng_state, set_rng_state
+from . import run_dir
+from .checkpoint import (BEST, CheckpointManager, _step_of, list_checkpoints, load_checkpoint, model_from_state,
+                         model_state_dict, rng_state, set_rng_state)
 from .config import RUN_CONTROL_FIELDS, GPTConfig, TrainConfig
-from .data import TokenLoader
+from .data import TokenLoader, read_shard, shard_paths
+from .run_dir import RunLock
+from .train_log import TrainLogger
 
 # bf16 dense tensor-core peaks (no sparsity), for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -135,12 +139,24 @@ def build_config(base: Optional[str] = None, overrides: Optional[dict] = None, *
 # pieces of the loop
 # ---------------------------------------------------------------------------------------------
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of update `step` (0-based): linear warmup, then cosine down to min_lr."""
+def lr_at(cfg: TrainConfig, step: int, anchor: Optional[dict] = None, elapsed: Optional[float] = None) -> float:
+    """Learning rate of update `step` (0-based): linear warmup, then cosine down to min_lr at
+    max_steps.
+
+    anchor {"step": k, "lr": lr_k}: set when a run is resumed at step k with another max_steps;
+    from step k on, the cosine runs from lr_k (the rate the old schedule had reached, so there is
+    no jump) down to min_lr at the new max_steps. elapsed (seconds, with cfg.time_schedule): the
+    decay's progress is the larger of the step and the time fraction (max_seconds)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    start, top = cfg.warmup_steps, cfg.lr
+    if anchor is not None and step >= anchor["step"]:
+        start, top = anchor["step"], anchor["lr"]
+    progress = (step - start) / max(1, cfg.max_steps - start)
+    if cfg.time_schedule and elapsed is not None:
+        progress = max(progress, elapsed / cfg.max_seconds)
+    progress = min(1.0, progress)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (top - cfg.min_lr)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
@@ -162,6 +178,25 @@ def peak_flops(device: torch.device, bf16: bool) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device as a torch.device; a device this machine lacks is a ValueError naming the flag."""
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: expected cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: training runs on cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"--device {name}: CUDA is not available here ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
 
 
 @dataclasses.dataclass
@@ -200,14 +235,24 @@ def _all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
+def _broadcast_error(err: Optional[str], d: Dist) -> Optional[str]:
+    """Rank 0's error message (or None) on every rank, so that all of them stop together."""
+    if d.enabled:
+        import torch.distributed as dist
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    return err
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: TokenLoader, iters: int, autocast, d: Dist) -> float:
-    """Mean loss over the first `iters` batches of `loader` (from its start, so it is the same
-    set each time), averaged over ranks."""
+    """Mean loss over the first `iters` batches of `loader` (0: all of them; from its start, so it
+    is the same set each time), averaged over ranks."""
     was_training = model.training
     model.eval()
     loader.reset()
-    n = max(1, min(iters, loader.batches_per_epoch()))
+    n = loader.batches_per_epoch() if iters == 0 else max(1, min(iters, loader.batches_per_epoch()))
     total = torch.zeros((), device=loader.device)
     for _ in range(n):
         x, y = loader.next_batch()
@@ -234,40 +279,6 @@ def sample_text(raw: nn.Module, cfg: TrainConfig, step: int) -> str:
         raw.clear_cache()
         raw.train(was_training)
     return cfg.sample_prompt + out.texts[0]
-
-
-class _Logger:
-    """JSONL (rank 0), plus TensorBoard when it is installed."""
-
-    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        os.makedirs(out_dir, exist_ok=True)
-        self.f = open(os.path.join(out_dir, "log.jsonl"), "a")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-            except Exception:  # tensorboard not installed
-                self.tb = None
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.f.write(json.dumps(record) + "\n")
-        self.f.flush()
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{k}", v, record["step"])
-
-    def close(self) -> None:
-        if self.enabled:
-            self.f.close()
-            if self.tb is not None:
-                self.tb.close()
 
 
 class _StopSignal:
@@ -300,11 +311,49 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _config_mismatch(saved: dict, cfg: TrainConfig) -> list[str]:
-    now = cfg.to_dict()
-    return [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
-            if k not in RUN_CONTROL_FIELDS and k in saved and saved[k] != now[k]]
+# ---------------------------------------------------------------------------------------------
+# resume: what may change, what must not
+# ---------------------------------------------------------------------------------------------
 
+def _saved_tokens_per_step(saved: dict, world_size: int) -> tuple[int, str]:
+    """(tokens per optimizer step, how they were made) of a checkpoint's train_config."""
+    B, T = saved.get("batch_size", 0), saved.get("seq_len", 0)
+    total = saved.get("total_batch_size", 0)
+    accum = total // max(1, B * T * world_size) if total else saved.get("grad_accum", 1)
+    return B * T * accum * world_size, f"{B} x {T} x {accum} accum x {world_size} process(es)"
+
+
+def resume_mismatch(saved: dict, saved_world: int, cfg: TrainConfig, world_size: int) -> list[str]:
+    """What differs between a checkpoint's train_config and cfg that a resume cannot take: every
+    field outside RUN_CONTROL_FIELDS, and the global batch (tokens per optimizer step, which may
+    be split differently over processes, micro-batches and accumulation)."""
+    now = cfg.to_dict()
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
+            if k not in RUN_CONTROL_FIELDS and k in saved and saved[k] != now[k]]
+    if "batch_size" in saved:
+        was, how = _saved_tokens_per_step(saved, saved_world)
+        is_ = cfg.tokens_per_step(world_size)
+        if was != is_:
+            diff.append(f"tokens per optimizer step: checkpoint {was:,} ({how}), now {is_:,} ({cfg.batch_size} "
+                        f"x {cfg.seq_len} x {cfg.accum_steps(world_size)} accum x {world_size} process(es)); "
+                        f"set --total_batch_size={was}")
+    return diff
+
+
+def schedule_anchor(saved_cfg: dict, saved_metrics: dict, step: int, cfg: TrainConfig) -> Optional[dict]:
+    """The lr_at anchor of a run resumed at `step`: the saved one, or a new one where max_steps
+    changed after the warmup (the cosine then continues from the rate reached, see lr_at)."""
+    anchor = saved_metrics.get("lr_anchor")
+    old_max = saved_cfg.get("max_steps", cfg.max_steps)
+    if old_max == cfg.max_steps or step < cfg.warmup_steps:
+        return anchor
+    old = dataclasses.replace(cfg, max_steps=old_max, time_schedule=False)
+    return {"step": step, "lr": lr_at(old, step, anchor)}
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+# ---------------------------------------------------------------------------------------------
 
 def _build_model(cfg: TrainConfig, resume_state: Optional[dict]):
     if resume_state is not None:
@@ -312,15 +361,11 @@ def _build_model(cfg: TrainConfig, resume_state: Optional[dict]):
     if cfg.init_from == "scratch":
         from .model import GPT
         return GPT(cfg.model_config())
-    if cfg.init_from.endswith(".pt"):
-        state = load_checkpoint(cfg.init_from)
-        mc = dict(state["model_config"], dropout=cfg.dropout, backend=cfg.backend)
-        return model_from_state(dict(state, model_config=mc))
-    if os.path.isdir(cfg.init_from):
-        from .model import GPT
-        return GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout, backend=cfg.backend)
-    raise ValueError(f"init_from must be 'scratch', an HF checkpoint directory or a .pt checkpoint; "
-                     f"got {cfg.init_from!r}")
+    from .load import load_model  # an HF folder, a .pt checkpoint, a training folder, a preset
+    try:
+        return load_model(cfg.init_from, dropout=cfg.dropout, backend=cfg.backend).train()
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--init_from: {e}; or 'scratch' for random weights") from None
 
 
 def _fsdp_api():
@@ -331,247 +376,423 @@ def _fsdp_api():
     return fully_shard, MixedPrecisionPolicy
 
 
-# ---------------------------------------------------------------------------------------------
-# the loop
-# ---------------------------------------------------------------------------------------------
+def _open_run_dir(cfg: TrainConfig, d: Dist, lock: RunLock) -> tuple[Optional[str], Optional[dict]]:
+    """Lock the run folder and find what to resume (rank 0 decides, every rank gets the answer):
+    (checkpoint path or None, its state or None)."""
+    path, err = None, None
+    if d.master:
+        try:
+            lock.acquire()
+            path = _resume_path(cfg)
+            if path is None:
+                run_dir.prepare_fresh(cfg.out_dir, cfg.overwrite, logs_only_ok=cfg.resume == "auto")
+        except (ValueError, OSError) as e:
+            lock.release()
+            if not d.enabled:
+                raise
+            err = str(e)
+    err = _broadcast_error(err, d)
+    if err:
+        raise run_dir.RunDirError(err)
+    if d.enabled:
+        import torch.distributed as dist
+        box = [path]
+        dist.broadcast_object_list(box, src=0)
+        path = box[0]
+    return path, (load_checkpoint(path) if path else None)
+
+
+def _resume_path(cfg: TrainConfig) -> Optional[str]:
+    """The checkpoint a run resumes from (None: a fresh run); refuses to resume from a checkpoint
+    older than others in the run folder unless --overwrite (which then deletes the newer ones)."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        path = list_checkpoints(cfg.out_dir)[-1] if list_checkpoints(cfg.out_dir) else None
+        if path is None:
+            print(f"gpt2-fast train: resume=auto but no checkpoint in {cfg.out_dir}; starting fresh",
+                  file=sys.stderr)
+        return path
+    path = list_checkpoints(cfg.resume)[-1] if os.path.isdir(cfg.resume) and list_checkpoints(cfg.resume) \
+        else cfg.resume
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint file (or folder with ckpt_*.pt)")
+    if os.path.basename(path) == BEST:
+        raise ValueError(f"--resume {path}: best.pt holds the weights only (no optimizer state); resume "
+                         f"from a ckpt_*.pt, or fine-tune from it with --init_from {path}")
+    step = int(load_checkpoint(path)["step"])
+    newer = [p for p in list_checkpoints(cfg.out_dir) if _step_of(p) > step]
+    if newer and not cfg.overwrite:
+        raise ValueError(f"run folder {cfg.out_dir} holds checkpoints newer than step {step} "
+                         f"({', '.join(os.path.basename(p) for p in newer)}); resuming there would mix two "
+                         f"histories: --resume=auto continues the newest, --overwrite deletes the newer ones")
+    for p in newer:
+        os.unlink(p)
+    return path
+
+
+class Trainer:
+    """One training run: set-up (__init__), step, eval, checkpoint; `run()` is the loop."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.device)
+        self.d = d = init_distributed(self.device.type)
+        if d.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", d.local_rank)
+        if cfg.fsdp and not d.enabled:
+            raise ValueError("fsdp=true needs several processes: launch with torchrun --nproc_per_node=N")
+        self.accum = cfg.accum_steps(d.world_size)
+        self.tokens_per_step = cfg.tokens_per_step(d.world_size)
+        self.bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.use_autocast = self.bf16 and not cfg.fsdp  # FSDP2 casts parameters itself (MixedPrecisionPolicy)
+        if self.device.type == "cuda" and not self.bf16:
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 runs: TF32 tensor-core matmuls
+            torch.backends.cudnn.allow_tf32 = True
+        self.lock = RunLock(cfg.out_dir)
+        try:
+            self._setup()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def autocast(self):
+        if self.use_autocast:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _setup(self) -> None:
+        cfg, d = self.cfg, self.d
+        path, state = _open_run_dir(cfg, d, self.lock)
+        self.resumed_from = path
+        self.start_step = int(state["step"]) if state else 0
+        self.metrics = dict(state.get("metrics", {})) if state else {}
+        if state is not None:
+            saved = state.get("train_config", {})
+            diff = resume_mismatch(saved, int(state.get("world_size", len(state.get("rng", [0])))), cfg,
+                                   d.world_size)
+            if diff:
+                raise ValueError(f"cannot resume {path} with a different configuration (" + "; ".join(diff)
+                                 + "); use the checkpoint's settings, or start a new run (fine-tune from it "
+                                 "with init_from=" + path + ")")
+            anchor = schedule_anchor(saved, self.metrics, self.start_step, cfg)
+            self.metrics.pop("lr_anchor", None)
+            if anchor is not None:
+                self.metrics["lr_anchor"] = anchor
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 shards them as they are)
+        self.raw = raw = _build_model(cfg, state)
+        torch.manual_seed(cfg.seed + d.rank)  # then per-rank streams (dropout)
+        mc = raw.config
+        if cfg.block_size is not None and cfg.block_size > mc.block_size:
+            raise ValueError(f"block_size {cfg.block_size} is larger than the model's block_size {mc.block_size}")
+        if cfg.seq_len > mc.block_size:
+            raise ValueError(f"seq_len {cfg.seq_len} is larger than the model's block_size {mc.block_size}; "
+                             f"use --seq_len <= {mc.block_size}")
+        raw.grad_checkpointing = cfg.grad_checkpointing
+        raw.to(self.device)
+        self.n_params = raw.num_params()
+        self._setup_data()
+        self._setup_wrappers(state)
+        self._setup_outputs(path, state)
+
+    def _setup_data(self) -> None:
+        cfg, d = self.cfg, self.d
+        self.train_loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, cfg.data_order,
+                                        cfg.seed, d.rank, d.world_size, self.device)
+        self.val_loader = None
+        if not cfg.eval_interval:
+            return  # no evaluation: no val split needed
+        try:
+            n_val = sum(read_shard(p).size for p in shard_paths(cfg.data, "val"))
+        except FileNotFoundError:
+            n_val = 0
+        if n_val == 0:
+            if d.master:
+                print(f"gpt2-fast train: {cfg.data} has no validation tokens (0-token val split); training "
+                      f"without evaluation (prepare with --val-fraction > 0 to evaluate)", file=sys.stderr)
+            return
+        try:
+            self.val_loader = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, "sequential",
+                                          cfg.seed, d.rank, d.world_size, self.device)
+        except ValueError as e:
+            raise ValueError(f"{e}; or train without evaluation with --eval_interval=0") from None
+
+    def _setup_wrappers(self, state: Optional[dict]) -> None:
+        cfg, d, raw = self.cfg, self.d, self.raw
+        if cfg.fsdp:
+            fully_shard, MixedPrecisionPolicy = _fsdp_api()
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 \
+                else MixedPrecisionPolicy()
+            for block in raw.transformer.h:
+                fully_shard(block, mp_policy=mp)
+            fully_shard(raw, mp_policy=mp)
+        self.optimizer = make_optimizer(raw, cfg, fused=self.device.type in ("cuda", "cpu") and not cfg.fsdp)
+        if state is not None:
+            _load_optimizer(raw, self.optimizer, state["optimizer"], cfg.fsdp)
+            self.train_loader.load_state_dict(state["data"])
+        fwd = torch.compile(raw) if cfg.compile else raw
+        if d.enabled and not cfg.fsdp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            fwd = DDP(fwd, device_ids=[d.local_rank] if self.device.type == "cuda" else None)
+        self.fwd = fwd
+        if state is not None:
+            rngs = state["rng"]
+            if len(rngs) == d.world_size:
+                set_rng_state(rngs[d.rank])
+            elif d.master:
+                print(f"gpt2-fast train: checkpoint has RNG states of {len(rngs)} ranks, this run has "
+                      f"{d.world_size}; generators are reseeded", file=sys.stderr)
+
+    def _setup_outputs(self, path: Optional[str], state: Optional[dict]) -> None:
+        cfg, d, mc = self.cfg, self.d, self.raw.config
+        self.ckpts = CheckpointManager(cfg.out_dir, cfg.keep_last)
+        if d.master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            dropped = run_dir.truncate_log(os.path.join(cfg.out_dir, "log.jsonl"), self.start_step)
+            if dropped and path:
+                print(f"gpt2-fast train: log.jsonl: dropped {dropped} record(s) past step {self.start_step} "
+                      f"(written after {os.path.basename(path)})", file=sys.stderr)
+            run_dir.write_json(os.path.join(cfg.out_dir, "config.json"),
+                               {"train": cfg.to_dict(), "model": mc.to_dict(), "world_size": d.world_size})
+        self.log = TrainLogger(cfg.out_dir, d.master, cfg.tensorboard, cfg.wandb, cfg.wandb_project,
+                               cfg.wandb_run_name, {"train": cfg.to_dict(), "model": mc.to_dict()})
+        if path:
+            self.log.log({"kind": "resume", "step": self.start_step, "from": path})
+        self.fpt = flops_per_token(mc, self.n_params, cfg.seq_len)
+        self.peak = peak_flops(self.device, self.bf16)
+        self.history: list[dict] = []
+        self.step = self.start_step
+        self.last_saved = self.start_step if state is not None else -1
+        self.stop_at = cfg.max_steps if not cfg.max_steps_this_run else \
+            min(cfg.max_steps, self.start_step + cfg.max_steps_this_run)
+        if d.master:
+            tf32 = " (TF32 matmuls)" if self.device.type == "cuda" and not self.bf16 else ""
+            print(f"gpt2-fast train: {mc.n_layer} layers x {mc.n_embd}, {self.n_params / 1e6:.1f}M params, "
+                  f"{self.device}{' bf16' if self.bf16 else ' fp32'}{tf32}, {d.world_size} process(es), "
+                  f"{self.tokens_per_step:,} tokens/step ({cfg.batch_size} x {cfg.seq_len} x {self.accum} accum "
+                  f"x {d.world_size}), {self.train_loader.n_tokens:,} train tokens, steps "
+                  f"{self.start_step}..{cfg.max_steps}", file=sys.stderr)
+
+    # -- one optimizer step ------------------------------------------------------------------
+
+    def train_step(self, lr: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """accum micro-batches, one optimizer step. Returns (mean loss, grad norm) as device
+        tensors: nothing here waits for the device."""
+        cfg, d, fwd = self.cfg, self.d, self.fwd
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            last = micro == self.accum - 1
+            x, y = self.train_loader.next_batch()
+            if cfg.fsdp:
+                self.raw.set_requires_gradient_sync(last)
+                sync = contextlib.nullcontext()
+            elif d.enabled and not last:
+                sync = fwd.no_sync()
+            else:
+                sync = contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    _, loss = fwd(x, y, return_logits=False)
+                (loss / self.accum).backward()
+            loss_sum += loss.detach().float()
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), cfg.grad_clip)
+            if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+                grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / self.accum, grad_norm
+
+    # -- eval and checkpoints -----------------------------------------------------------------
+
+    def run_eval(self) -> None:
+        if self.val_loader is None:
+            return
+        model = self.fwd if not self.d.enabled else self.raw
+        val = evaluate(model, self.val_loader, self.cfg.eval_iters, self.autocast, self.d)
+        self.metrics["val_loss"] = val
+        rec = {"kind": "eval", "step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
+        self.history.append(rec)
+        self.log.log(rec)
+        if self.cfg.keep_best and val < self.metrics.get("best_val_loss", float("inf")):
+            self.metrics["best_val_loss"] = val
+            self.metrics["best_step"] = self.step
+            state = _gather_state(self.raw, None, self.cfg, self.train_loader, self.step, self.metrics, self.d)
+            if self.d.master:
+                self.ckpts.save_best(self.step, state)
+            self._barrier()
+
+    def save(self) -> str:
+        state = _gather_state(self.raw, self.optimizer, self.cfg, self.train_loader, self.step, self.metrics,
+                              self.d)
+        path = self.ckpts.save(self.step, state) if self.d.master else ""
+        self.last_saved = self.step
+        self._barrier()
+        return path
+
+    def _barrier(self) -> None:
+        if self.d.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self) -> None:
+        self.log.close()
+        self.lock.release()
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        """Train to stop_at (or a signal / the time budget); returns the summary dict."""
+        cfg, d = self.cfg, self.d
+        bar = _progress_bar(cfg, d, self.start_step)
+        meter = _Meter()
+        t_loop = time.perf_counter()
+        out_of_time, signum, ckpt_path = False, 0, None
+        self.fwd.train()
+        with _StopSignal() as stop:
+            while self.step < self.stop_at:
+                elapsed = time.perf_counter() - t_loop
+                lr = lr_at(cfg, self.step, self.metrics.get("lr_anchor"), elapsed)
+                loss, grad_norm = self.train_step(lr)
+                self.step += 1
+                self.metrics["tokens"] = self.metrics.get("tokens", 0) + self.tokens_per_step
+                meter.steps += 1
+                at_log = self.step % cfg.log_interval == 0 or self.step == self.stop_at \
+                    or self.step == self.start_step + 1
+                if at_log:  # the one place a step waits for the device
+                    self._log_step(loss, grad_norm, lr, meter, bar)
+                if bar is not None:
+                    bar.update(1)
+                meter.pause()
+                if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.max_steps:
+                    self.run_eval()
+                if cfg.sample_interval and self.step % cfg.sample_interval == 0 and d.master and not cfg.fsdp:
+                    text = sample_text(self.raw, cfg, self.step)
+                    self.log.log({"kind": "sample", "step": self.step, "text": text})
+                    (bar.write if bar is not None else print)(f"[step {self.step} sample] {text!r}")
+                # stop on a signal or at the time budget; under DDP every rank must agree (checked
+                # at log steps only, where the ranks sync anyway)
+                signum = stop.signum
+                out_of_time = bool(cfg.max_seconds) and time.perf_counter() - t_loop > cfg.max_seconds
+                if d.enabled:
+                    signum, out_of_time = self._agree(signum, out_of_time) if at_log else (0, False)
+                if signum:
+                    break
+                if cfg.ckpt_interval and self.step % cfg.ckpt_interval == 0 and self.step < self.stop_at:
+                    ckpt_path = self.save()
+                if out_of_time and self.step < self.stop_at:
+                    if d.master:
+                        (bar.write if bar is not None else print)(
+                            f"gpt2-fast train: time budget of {cfg.max_seconds:.0f} s reached at step {self.step}")
+                    break
+                out_of_time = False
+                meter.resume()  # tokens/s counts the steps, not evals / samples / saves
+        if bar is not None:
+            bar.close()
+        return self._finish(signum, out_of_time, ckpt_path)
+
+    def _log_step(self, loss: torch.Tensor, grad_norm, lr: float, meter: "_Meter", bar) -> None:
+        train_loss = float(_all_reduce_mean(loss, self.d))
+        steps, seconds = meter.read()
+        tok_s = self.tokens_per_step * steps / max(seconds, 1e-9)
+        self.metrics["train_loss"] = train_loss
+        rec = {"kind": "train", "step": self.step, "loss": train_loss, "lr": lr, "tok_s": round(tok_s, 1),
+               "step_ms": round(1e3 * seconds / max(steps, 1), 2)}
+        if grad_norm is not None:
+            rec["grad_norm"] = float(grad_norm)
+        mfu = self.fpt * tok_s / self.d.world_size / self.peak if self.peak else None
+        if mfu is not None:
+            rec["mfu"] = round(mfu, 4)
+        self.history.append(rec)
+        self.log.log(rec)
+        if bar is not None:
+            post = {"loss": f"{train_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
+            if mfu is not None:
+                post["mfu"] = f"{100 * mfu:.1f}%"
+            if "val_loss" in self.metrics:
+                post["val"] = f"{self.metrics['val_loss']:.3f}"
+            bar.set_postfix(post, refresh=False)
+
+    def _agree(self, signum: int, out_of_time: bool) -> tuple[int, bool]:
+        import torch.distributed as dist
+        flags = torch.tensor([float(signum), float(out_of_time)], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return int(flags[0]), bool(flags[1])
+
+    def _finish(self, signum: int, out_of_time: bool, ckpt_path: Optional[str]) -> dict:
+        cfg, d = self.cfg, self.d
+        if signum:
+            ckpt_path = self.save()
+            if d.master:
+                print(f"gpt2-fast train: stopped by {signal.Signals(signum).name} at step {self.step}; "
+                      f"checkpoint {ckpt_path}; continue with --resume=auto", file=sys.stderr)
+            return self._summary(ckpt_path, signum)
+        if self.step >= cfg.max_steps or out_of_time:
+            self.run_eval()
+        if self.last_saved != self.step:
+            ckpt_path = self.save()
+        elif d.master and ckpt_path is None:  # nothing to train: the checkpoint resumed from
+            ckpt_path = self.resumed_from
+        self.log.close()
+        if d.master and cfg.plot:
+            from .plots import plot_loss_curve
+            png = plot_loss_curve(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "loss.png"))
+            if png:
+                self.metrics["plot"] = png
+        return self._summary(ckpt_path, 0)
+
+    def _summary(self, ckpt_path: Optional[str], signum: int) -> dict:
+        m = self.metrics
+        return {"step": self.step, "train_loss": m.get("train_loss"), "val_loss": m.get("val_loss"),
+                "checkpoint": ckpt_path, "history": self.history, "interrupted": signum, "plot": m.get("plot"),
+                "n_params": self.n_params, "best_val_loss": m.get("best_val_loss"),
+                "tokens_per_step": self.tokens_per_step}
+
+
+class _Meter:
+    """Training seconds and steps since the last log record (evals, samples, saves excluded)."""
+
+    def __init__(self):
+        self.steps, self.seconds, self.t = 0, 0.0, time.perf_counter()
+
+    def pause(self) -> None:
+        now = time.perf_counter()
+        self.seconds += now - self.t
+        self.t = now
+
+    def resume(self) -> None:
+        self.t = time.perf_counter()
+
+    def read(self) -> tuple[int, float]:
+        self.pause()
+        out = (self.steps, self.seconds)
+        self.steps, self.seconds = 0, 0.0
+        return out
+
+
+def _progress_bar(cfg: TrainConfig, d: Dist, start: int):
+    if not (d.master and cfg.progress):
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
+
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as cfg says; returns a summary dict (final losses, checkpoint,
     steps done, the history of logged losses, `interrupted` = signal number or 0)."""
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    d = init_distributed(device.type)
-    if d.enabled and device.type == "cuda":
-        device = torch.device("cuda", d.local_rank)
-    if cfg.fsdp and not d.enabled:
-        raise ValueError("fsdp=true needs several processes: launch with torchrun --nproc_per_node=N")
-    bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    use_autocast = bf16 and not cfg.fsdp  # FSDP2 casts parameters itself (MixedPrecisionPolicy)
-
-    def autocast():
-        if use_autocast:
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    # -- resume / init ---------------------------------------------------------------------
-    ckpts = CheckpointManager(cfg.out_dir, cfg.keep_last)
-    resume_state = None
-    if cfg.resume:
-        path = ckpts.latest() if cfg.resume == "auto" else cfg.resume
-        if path is None:
-            if d.master:
-                print(f"gpt2-fast train: resume=auto but no checkpoint in {cfg.out_dir}; starting fresh",
-                      file=sys.stderr)
-        else:
-            resume_state = load_checkpoint(path)
-            diff = _config_mismatch(resume_state.get("train_config", {}), cfg)
-            if diff:
-                raise ValueError(f"cannot resume {path} with a different configuration ("
-                                 + "; ".join(diff) + "); use the checkpoint's settings, or start a new "
-                                 "run (fine-tune from it with init_from=" + path + ")")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 shards them as they are)
-    model = _build_model(cfg, resume_state)
-    torch.manual_seed(cfg.seed + d.rank)  # then per-rank streams (dropout)
-    mc = model.config
-    if cfg.block_size is not None and cfg.block_size > mc.block_size:
-        raise ValueError(f"block_size {cfg.block_size} is larger than the model's block_size {mc.block_size}")
-    if cfg.seq_len > mc.block_size:
-        raise ValueError(f"seq_len {cfg.seq_len} is larger than the model's block_size {mc.block_size}; "
-                         f"use --seq_len <= {mc.block_size}")
-    model.to(device)
-    raw = model
-    n_params = raw.num_params()
-
-    # -- data ------------------------------------------------------------------------------
-    train_loader = TokenLoader(cfg.data, "train", cfg.batch_size, cfg.seq_len, cfg.data_order, cfg.seed,
-                               d.rank, d.world_size, device)
-    val_loader = None
-    if cfg.eval_interval or cfg.eval_iters:
-        try:
-            val_loader = TokenLoader(cfg.data, "val", cfg.batch_size, cfg.seq_len, "sequential", cfg.seed,
-                                     d.rank, d.world_size, device)
-        except FileNotFoundError:
-            val_loader = None  # a folder prepared with val_fraction=0
-
-    # -- wrap: FSDP2 / compile / DDP ---------------------------------------------------------
-    if cfg.fsdp:
-        fully_shard, MixedPrecisionPolicy = _fsdp_api()
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-            else MixedPrecisionPolicy()
-        for block in raw.transformer.h:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(raw, mp_policy=mp)
-    optimizer = make_optimizer(raw, cfg, fused=device.type == "cuda" and not cfg.fsdp)
-    start_step = 0
-    if resume_state is not None:
-        start_step = int(resume_state["step"])
-        _load_optimizer(raw, optimizer, resume_state["optimizer"], cfg.fsdp)
-        train_loader.load_state_dict(resume_state["data"])
-    fwd = torch.compile(raw) if cfg.compile else raw
-    if d.enabled and not cfg.fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        fwd = DDP(fwd, device_ids=[d.local_rank] if device.type == "cuda" else None)
-    if resume_state is not None:
-        rngs = resume_state["rng"]
-        if len(rngs) == d.world_size:
-            set_rng_state(rngs[d.rank])
-        elif d.master:
-            print(f"gpt2-fast train: checkpoint has RNG states of {len(rngs)} ranks, this run has "
-                  f"{d.world_size}; generators are reseeded", file=sys.stderr)
-
-    # -- loop ------------------------------------------------------------------------------
-    log = _Logger(cfg.out_dir, d.master, cfg.tensorboard)
-    if d.master:
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump({"train": cfg.to_dict(), "model": mc.to_dict()}, f, indent=1)
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * d.world_size
-    fpt = flops_per_token(mc, n_params, cfg.seq_len)
-    peak = peak_flops(device, bf16)
-    metrics = dict(resume_state.get("metrics", {})) if resume_state else {}
-    history: list[dict] = []
-    bar = None
-    if d.master and cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", dynamic_ncols=True)
-    if d.master:
-        print(f"gpt2-fast train: {mc.n_layer} layers x {mc.n_embd}, {n_params / 1e6:.1f}M params, "
-              f"{device}{' bf16' if bf16 else ' fp32'}, {d.world_size} process(es), "
-              f"{tokens_per_step:,} tokens/step, {train_loader.n_tokens:,} train tokens, steps "
-              f"{start_step}..{cfg.max_steps}", file=sys.stderr)
-
-    step = start_step
-    last_saved = start_step if resume_state is not None else -1
-    stop_at = cfg.max_steps if not cfg.max_steps_this_run else min(cfg.max_steps, start_step + cfg.max_steps_this_run)
-
-    def save() -> str:
-        nonlocal last_saved
-        state = _gather_state(raw, optimizer, cfg, train_loader, step, metrics, d)
-        path = ckpts.save(step, state) if d.master else ""
-        last_saved = step
-        if d.enabled:
-            import torch.distributed as dist
-            dist.barrier()
-        return path
-
-    def run_eval() -> None:
-        if val_loader is None:
-            return
-        metrics["val_loss"] = evaluate(fwd if not d.enabled else raw, val_loader, cfg.eval_iters, autocast, d)
-        rec = {"kind": "eval", "step": step, "val_loss": metrics["val_loss"],
-               "val_ppl": math.exp(min(metrics["val_loss"], 50.0))}
-        history.append(rec)
-        log.log(rec)
-
-    ckpt_path = None
-    fwd.train()
-    t_last = t_loop = time.perf_counter()
-    out_of_time = False
-    with _StopSignal() as stop:
-        while step < stop_at:
-            lr = lr_at(cfg, step)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
-                last = micro == cfg.grad_accum - 1
-                x, y = train_loader.next_batch()
-                if cfg.fsdp:
-                    raw.set_requires_gradient_sync(last)
-                    sync = contextlib.nullcontext()
-                elif d.enabled and not last:
-                    sync = fwd.no_sync()
-                else:
-                    sync = contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        _, loss = fwd(x, y, return_logits=False)
-                    (loss / cfg.grad_accum).backward()
-                loss_sum += loss.detach().float()
-            grad_norm = None
-            if cfg.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
-                    grad_norm = grad_norm.full_tensor()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            train_loss = float(_all_reduce_mean(loss_sum / cfg.grad_accum, d))
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            tok_s = tokens_per_step / dt
-            mfu = fpt * tok_s / d.world_size / peak if peak else None
-            metrics.update(train_loss=train_loss, tokens=metrics.get("tokens", 0) + tokens_per_step)
-            rec = {"kind": "train", "step": step, "loss": train_loss, "lr": lr, "tok_s": round(tok_s, 1),
-                   "step_ms": round(dt * 1e3, 2)}
-            if grad_norm is not None:
-                rec["grad_norm"] = float(grad_norm)
-            if mfu is not None:
-                rec["mfu"] = round(mfu, 4)
-            history.append(rec)
-            if step % cfg.log_interval == 0 or step == stop_at or step == start_step + 1:
-                log.log(rec)
-            if bar is not None:
-                post = {"loss": f"{train_loss:.3f}", "tok/s": f"{tok_s:,.0f}"}
-                if mfu is not None:
-                    post["mfu"] = f"{100 * mfu:.1f}%"
-                if "val_loss" in metrics:
-                    post["val"] = f"{metrics['val_loss']:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if cfg.eval_interval and step % cfg.eval_interval == 0 and step < cfg.max_steps:
-                run_eval()
-            if cfg.sample_interval and step % cfg.sample_interval == 0 and d.master and not cfg.fsdp:
-                text = sample_text(raw, cfg, step)
-                log.log({"kind": "sample", "step": step, "text": text})
-                (bar.write if bar is not None else print)(f"[step {step} sample] {text!r}")
-            # stop on a signal or at the time budget; under DDP every rank must agree
-            signum = stop.signum
-            out_of_time = bool(cfg.max_seconds) and time.perf_counter() - t_loop > cfg.max_seconds
-            if d.enabled:
-                flags = torch.tensor([float(signum), float(out_of_time)], device=device)
-                import torch.distributed as dist
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                signum, out_of_time = int(flags[0]), bool(flags[1])
-            if signum:
-                ckpt_path = save()
-                if bar is not None:
-                    bar.close()
-                    bar = None
-                if d.master:
-                    print(f"gpt2-fast train: stopped by {signal.Signals(signum).name} at step {step}; "
-                          f"checkpoint {ckpt_path}; continue with --resume=auto", file=sys.stderr)
-                log.close()
-                return {"step": step, "train_loss": metrics.get("train_loss"), "val_loss": metrics.get("val_loss"),
-                        "checkpoint": ckpt_path, "history": history, "interrupted": signum}
-            if cfg.ckpt_interval and step % cfg.ckpt_interval == 0 and step < stop_at:
-                ckpt_path = save()
-            if out_of_time and step < stop_at:
-                if d.master:
-                    (bar.write if bar is not None else print)(
-                        f"gpt2-fast train: time budget of {cfg.max_seconds:.0f} s reached at step {step}")
-                break
-            out_of_time = False
-            t_last = time.perf_counter()  # tokens/s counts the steps, not evals / samples / saves
-    if bar is not None:
-        bar.close()
-    if step >= cfg.max_steps or out_of_time:
-        run_eval()
-    if last_saved != step:
-        ckpt_path = save()
-    elif ckpt_path is None and d.master:
-        ckpt_path = ckpts.latest()
-    log.close()
-    if d.master and cfg.plot:
-        from .plots import plot_loss_curve
-        png = plot_loss_curve(os.path.join(cfg.out_dir, "log.jsonl"), os.path.join(cfg.out_dir, "loss.png"))
-        if png:
-            metrics["plot"] = png
-    return {"step": step, "train_loss": metrics.get("train_loss"), "val_loss": metrics.get("val_loss"),
-            "checkpoint": ckpt_path, "history": history, "interrupted": 0, "plot": metrics.get("plot"),
-            "n_params": n_params}
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
 
 
 def _gather_state(raw, optimizer, cfg, loader, step, metrics, d: Dist) -> dict:
-    """Everything a checkpoint holds (full state dicts; collective under DDP / FSDP)."""
+    """Everything a checkpoint holds (full state dicts; collective under DDP / FSDP). optimizer
+    None: the weights only (best.pt)."""
     rngs = [rng_state()]
     if d.enabled:
         import torch.distributed as dist
@@ -582,12 +803,15 @@ def _gather_state(raw, optimizer, cfg, loader, step, metrics, d: Dist) -> dict:
                                                              get_optimizer_state_dict)
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         model_sd = get_model_state_dict(raw, options=opts)
-        opt_sd = get_optimizer_state_dict(raw, optimizer, options=opts)
+        if raw.config.tie_word_embeddings:
+            model_sd.pop("lm_head.weight", None)
+        opt_sd = get_optimizer_state_dict(raw, optimizer, options=opts) if optimizer is not None else None
     else:
-        model_sd = {k: v.detach().to("cpu") for k, v in raw.state_dict().items()}
-        opt_sd = optimizer.state_dict()
+        model_sd = model_state_dict(raw)
+        opt_sd = optimizer.state_dict() if optimizer is not None else None
     return {"model_config": raw.config.to_dict(), "train_config": cfg.to_dict(), "model": model_sd,
-            "optimizer": opt_sd, "rng": rngs, "data": loader.state_dict(), "metrics": dict(metrics)}
+            "optimizer": opt_sd, "rng": rngs, "data": loader.state_dict(), "metrics": dict(metrics),
+            "world_size": d.world_size}
 
 
 def _load_optimizer(raw, optimizer, sd, fsdp: bool) -> None:
@@ -608,10 +832,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "TrainConfig fields")
     for f in dataclasses.fields(TrainConfig):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        if f.name == "out_dir":
+            names.insert(0, "--out")  # the run folder, named like every other command's output
         bool_flag = f.type in (bool, "bool")
-        p.add_argument(*names, dest=f.name, default=None, metavar="V",
+        tp = typing.get_type_hints(TrainConfig)[f.name]
+        kind = next((a for a in typing.get_args(tp) if a is not type(None)), tp).__name__
+        p.add_argument(*names, dest=f.name, default=None, metavar="BOOL" if bool_flag else kind.upper(),
                        nargs="?" if bool_flag else None, const="true" if bool_flag else None,
-                       help=f"(default {f.default!r})")
+                       help=f"{f.metadata.get('help', '')} (default {f.default!r})".lstrip())
 
 
 def config_from_args(args) -> TrainConfig:
@@ -637,14 +865,17 @@ def _finish_distributed() -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gpt2_fast.train", description=__doc__.splitlines()[0])
+    from .cli import USER_ERRORS, error_line
+    p = argparse.ArgumentParser(prog="gpt2-fast train", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
     try:
         return run(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"gpt2_fast.train: error: {e}", file=sys.stderr)
-        return 2
+    except Exception as e:
+        if os.environ.get("GPT2_FAST_DEBUG") == "1":
+            raise
+        print(error_line("train", e), file=sys.stderr)
+        return 2 if isinstance(e, USER_ERRORS) else 1
 
 
 if __name__ == "__main__":

@@ -124,3 +124,36 @@ def test_generate_cli_loads_a_training_checkpoint(tmp_path, capsys):
     assert main(["generate", "--model", path, "--prompt", "In the beginning", "--max-new-tokens", "4",
                  "--seed", "0", "--quiet", "--device", "cpu"]) == 0
     assert capsys.readouterr().out.startswith("In the beginning")
+
+
+def test_pruning_keeps_the_newest_and_never_touches_higher_steps_or_best(tmp_path):
+    """keep_last counts the checkpoint just written; checkpoints of higher steps (which a run
+    folder can only hold when a user put them there) and best.pt are never deleted."""
+    mgr = C.CheckpointManager(str(tmp_path), keep_last=2)
+    for step in (50, 1, 2):
+        path = mgr.save(step, _state(step))
+    best = mgr.save_best(2, _state(2))
+    path = mgr.save(3, _state(3))
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["best.pt", "ckpt_00000002.pt", "ckpt_00000003.pt", "ckpt_00000050.pt"], names
+    assert path.endswith("ckpt_00000003.pt") and C.load_checkpoint(path)["step"] == 3
+    b = C.load_checkpoint(best)
+    assert b["step"] == 2 and b["resumable"] is False and "optimizer" not in b
+    assert C.list_checkpoints(str(tmp_path))[-1].endswith("ckpt_00000050.pt")  # best.pt is not a ckpt_*
+
+
+def test_model_state_dict_stores_a_tied_lm_head_once(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    sd = C.model_state_dict(model)
+    assert "lm_head.weight" not in sd
+    path = C.CheckpointManager(str(tmp_path)).save(1, {**_state(1), "model": sd})
+    loaded = C.load_model_from_checkpoint(path)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    # the CUDA case: .to("cpu") makes a second copy per name; model_state_dict drops it anyway
+    untied = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save(untied, tmp_path / "twice.pt")
+    torch.save(sd, tmp_path / "once.pt")
+    wte = model.transformer.wte.weight.numel() * 4
+    assert os.path.getsize(tmp_path / "twice.pt") - os.path.getsize(tmp_path / "once.pt") > 0.95 * wte

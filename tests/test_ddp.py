@@ -15,7 +15,7 @@ from gpt2_fast.config import TrainConfig
 from gpt2_fast.train import train
 
 COMMON = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, seq_len=32, max_steps=5, lr=1e-2, min_lr=1e-3,
-              warmup_steps=2, grad_accum=2, eval_interval=0, eval_iters=2, log_interval=1, ckpt_interval=0,
+              warmup_steps=2, grad_accum=2, total_batch_size=0, eval_interval=0, eval_iters=2, log_interval=1, ckpt_interval=0,
               progress=False, plot=False, tensorboard=False, device="cpu")
 
 
