@@ -35,6 +35,9 @@ CHOICES: dict[str, Choice] = {c.name: c for c in (
            "the one-kernel 5-matmul version with fp32 atomics for dQ, or torch SDPA (cuDNN/flash)"),
     Choice("attention_fwd", "GPT2_FAST_ATTN_FWD", ("triton", "sdpa"), "triton", None,
            "causal attention forward on CUDA: our Triton kernel or torch SDPA"),
+    Choice("attention_fwd_kernel", "GPT2_FAST_ATTN_FWD_KERNEL", ("v1", "pipelined"), "v1", None,
+           "which Triton attention forward: v1 (in-order loop) or pipelined (QK^T of the next key "
+           "block issued before this block's softmax)"),
     Choice("decode_step", "GPT2_FAST_DECODE_STEP", ("unfused", "fused"), "unfused", None,
            "one decode token: the module-by-module step or the fused GEMV-family step"),
     Choice("decode_runner", "GPT2_FAST_DECODE_RUNNER", ("graph", "compile"), "graph", None,

@@ -1,5 +1,5 @@
-"""What the Triton attention kernels (flash_attention, decode_attention) share: precision helpers
-and the checks of their q / k / v inputs.
+"""What the Triton attention kernels (flash_attention*, decode_attention) share: precision helpers,
+the masked tile load, block-size and autotune-key helpers, and the checks of their q / k / v inputs.
 
 `_dot` / `_cast_like` / `_cast_ptr` take a DOT_PREC constexpr: "ieee" (exact fp32 products),
 "tf32" (16-bit inputs, or fp32 when torch allows TF32), or "bf16_interp": bf16 under
@@ -15,6 +15,22 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a (len(rows), len(cols)) tile, zero outside rows < n_rows / cols < n_cols."""
+    if CHECK_ROWS:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    else:
+        if CHECK_COLS:
+            x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
 
 
 @triton.jit
@@ -70,6 +86,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32:
         return "ieee" if INTERPRET or torch.get_float32_matmul_precision() == "highest" else "tf32"
     return "tf32"
+
+
+def block_d(D: int) -> int:
+    """The head dim padded to a power of two >= 16 (tl.dot's smallest K)."""
+    return max(16, triton.next_power_of_2(D))
+
+
+def t_bucket(T: int) -> int:
+    """Autotune key for a length: its next power of two, so every T does not re-tune."""
+    return max(16, triton.next_power_of_2(max(T, 1)))
+
+
+def tl_configs(pairs):
+    """triton.Config list from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
 def device_ctx(t: torch.Tensor):

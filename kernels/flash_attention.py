@@ -58,30 +58,21 @@ import triton.language as tl
 from torch import Tensor
 
 from gpt2_fast import poison
+from gpt2_fast.choices import choice
 
-from ._attention_common import (INTERPRET, _cast_like, _cast_ptr, _dot, check_attention_tensors, check_head_dim,
-                                device_ctx, dot_precision)
+from ._attention_common import (INTERPRET, _cast_like, _cast_ptr, _dot, _load_tile, block_d as _block_d,
+                                check_attention_tensors, check_head_dim, device_ctx, dot_precision,
+                                t_bucket as _bucket, tl_configs as _configs)
+from . import flash_attention_fwd_pipelined as _pipe
+from .flash_attention_bwd_atomic import attention_bwd_atomic
+from .flash_attention_bwd_sdpa import attention_bwd_sdpa, sdpa_supports
+from .flash_attention_fwd_pipelined import _attn_fwd_pipelined_kernel
+from .flash_attention_smem import tuned_kernel
 
 
 # =============================================================================================
 # Kernels
 # =============================================================================================
-
-@triton.jit
-def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    """Load a (len(rows), len(cols)) tile, zero outside rows < n_rows / cols < n_cols."""
-    if CHECK_ROWS:
-        if CHECK_COLS:
-            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
-        else:
-            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
-    else:
-        if CHECK_COLS:
-            x = tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
-        else:
-            x = tl.load(ptrs)
-    return x
-
 
 @triton.jit
 def _attention_fwd_inner(acc, l_i, m_i, q, K, V, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -405,68 +396,44 @@ def _attention_bwd_dq_kernel(Q, K, V, DO, LSE, Delta, DQ, Seed,
 # Host launchers
 # =============================================================================================
 
-def _configs(pairs):
-    """triton.Config list from (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
-
-
-_KEY = ["T_BUCKET_Q", "T_BUCKET_K", "BLOCK_D", "IS_CAUSAL", "HAS_DROPOUT"]
-if INTERPRET:
-    # One small config: autotuning in the interpreter measures nothing. Unequal BLOCK_M and
-    # BLOCK_N on purpose, so the tests exercise the block-boundary logic of the causal stages.
-    _FWD_CONFIGS = _configs([(64, 32, 4, 1)])
-    _DKDV_CONFIGS = _configs([(32, 64, 4, 1)])
-    _DQ_CONFIGS = _configs([(64, 32, 4, 1)])
-elif os.environ.get("GPT2_FAST_TRITON_AUTOTUNE", "1") == "0":
-    # Autotuning off (quick test runs, fast start-up): one config each that fits every head dim.
-    _FWD_CONFIGS = _configs([(128, 64, 4, 3)])
-    _DKDV_CONFIGS = _configs([(64, 64, 4, 3)])
-    _DQ_CONFIGS = _configs([(64, 64, 4, 3)])
-else:
-    # H100/H200 candidates (sm_90: 228 KB shared memory; configs that do not fit are skipped by
-    # the autotuner). Forward: large query tiles; dK/dV: key tiles of 64/128 with query tiles of
-    # 32/64; dQ: query tiles of 64/128 with key tiles of 32/64.
-    _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
-                             (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)])
-    _DKDV_CONFIGS = _configs([(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3),
-                              (64, 64, 4, 4), (32, 64, 4, 4)])
-    _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
-                            (128, 32, 4, 3), (64, 32, 4, 4)])
-
-
-
-def _exact_fp32_pruner(config):
-    """early_config_prune: exact fp32 (DOT_PREC "ieee") runs on FMA units, where big tiles do
-    not pay and take ptxas a minute or more each; such launches get one small config only."""
-    def prune(configs, named_args, **kwargs):
-        if kwargs.get("DOT_PREC", named_args.get("DOT_PREC")) == "ieee" and not INTERPRET:
-            return [config]
-        return configs
-    return {"early_config_prune": prune}
-
-
-_attention_fwd_tuned = triton.autotune(
-    configs=_FWD_CONFIGS, key=_KEY,
-    prune_configs_by=_exact_fp32_pruner(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)),
-)(_attention_fwd_kernel)
-_attention_bwd_dkdv_tuned = triton.autotune(
-    configs=_DKDV_CONFIGS, key=_KEY,
-    prune_configs_by=_exact_fp32_pruner(triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)),
-)(_attention_bwd_dkdv_kernel)
-_attention_bwd_dq_tuned = triton.autotune(
-    configs=_DQ_CONFIGS, key=_KEY,
-    prune_configs_by=_exact_fp32_pruner(triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)),
-)(_attention_bwd_dq_kernel)
+# H100/H200 autotune candidates, (BLOCK_M, BLOCK_N, warps, stages). Forward: large query tiles;
+# dK/dV: key tiles of 64/128 with query tiles of 32/64; dQ: query tiles of 64/128 with key tiles
+# of 32/64. Configs over sm_90's 227 KB of shared memory at a head dim are pruned before they are
+# compiled (flash_attention_smem.py); registers and smem per config: flash_attention_sm90.py.
+_FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4),
+                         (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3)])
+_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3), (64, 64, 4, 3),
+                          (64, 64, 4, 4), (32, 64, 4, 4)])  # (32, 128, 4, 3) spilled 20 B at D=64
+_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
+                        (128, 32, 4, 3), (64, 32, 4, 4)])
+# Autotuning off (GPT2_FAST_TRITON_AUTOTUNE=0: quick test runs, fast start-up): the first config
+# that fits the head dim's shared memory (the smaller ones serve D = 256).
+_FWD_FIXED = _configs([(128, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)])
+_DKDV_FIXED = _configs([(64, 64, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2)])
+_DQ_FIXED = _configs([(64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)])
+# The interpreter: one small config (autotuning there measures nothing). Unequal BLOCK_M and
+# BLOCK_N on purpose, so the tests exercise the block-boundary logic of the causal stages.
+_FWD_INTERP = _configs([(64, 32, 4, 1)])
+_DKDV_INTERP = _configs([(32, 64, 4, 1)])
+_DQ_INTERP = _configs([(64, 32, 4, 1)])
+# exact fp32 (DOT_PREC "ieee") runs on FMA units, where big tiles do not pay and take ptxas a
+# minute or more each: such launches get one small config only
+_FWD_EXACT = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+_DKDV_EXACT = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+_DQ_EXACT = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+_attention_fwd_tuned = tuned_kernel(_attention_fwd_kernel, "fwd", _FWD_CONFIGS, _FWD_FIXED, _FWD_INTERP,
+                                    _FWD_EXACT)
+_attention_fwd_pipelined_tuned = tuned_kernel(_attn_fwd_pipelined_kernel, "fwd_pipelined", _pipe.CONFIGS,
+                                              _pipe.FIXED, _pipe.INTERP, _pipe.EXACT_FP32_CONFIG)
+_attention_bwd_dkdv_tuned = tuned_kernel(_attention_bwd_dkdv_kernel, "bwd_dkdv", _DKDV_CONFIGS, _DKDV_FIXED,
+                                         _DKDV_INTERP, _DKDV_EXACT)
+_attention_bwd_dq_tuned = tuned_kernel(_attention_bwd_dq_kernel, "bwd_dq", _DQ_CONFIGS, _DQ_FIXED, _DQ_INTERP,
+                                       _DQ_EXACT)
 _PREPROCESS_BLOCK_M = 32 if INTERPRET else 64
-
-
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))
-
-
-def _bucket(T: int) -> int:
-    """Autotune key for a length: its next power of two, so every T does not re-tune."""
-    return max(16, triton.next_power_of_2(max(T, 1)))
+# Resolved once, at import (choices.py: GPT2_FAST_ATTN_FWD_KERNEL, GPT2_FAST_ATTN_BWD): the custom
+# ops' bodies read these module constants, never the environment, so traced code sees one choice.
+FWD_KERNEL = choice("attention_fwd_kernel")
+BWD_VARIANT = choice("attention_bwd")
 
 
 def _bthd_empty(B: int, H: int, T: int, D: int, dtype: torch.dtype, device) -> Tensor:
@@ -475,8 +442,9 @@ def _bthd_empty(B: int, H: int, T: int, D: int, dtype: torch.dtype, device) -> T
 
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: float, scale: float,
-                  seed: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    """Launch the forward. Returns o (B, H, Tq, D) in q's dtype and lse (B, H, Tq) fp32 (natural log)."""
+                  seed: Optional[Tensor], kernel: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """Launch the forward. Returns o (B, H, Tq, D) in q's dtype and lse (B, H, Tq) fp32 (natural log).
+    kernel: "v1" or "pipelined"; None takes FWD_KERNEL (choices.py, resolved at import)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     o = _bthd_empty(B, H, Tq, D, q.dtype, q.device)
@@ -485,8 +453,12 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: floa
         return o, lse
     BLOCK_D = _block_d(D)
     grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)  # noqa: E731
+    kernel = kernel or FWD_KERNEL
+    if kernel not in ("v1", "pipelined"):
+        raise ValueError(f"attention_fwd: kernel must be 'v1' or 'pipelined', got {kernel!r}")
+    launch = _attention_fwd_pipelined_tuned if kernel == "pipelined" else _attention_fwd_tuned
     with device_ctx(q):
-        _attention_fwd_tuned[grid](
+        launch[grid](
             q, k, v, o, lse, seed if seed is not None else lse,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, Tq, Tk, D, float(scale), float(dropout_p), _bucket(Tq), _bucket(Tk),
@@ -496,9 +468,14 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, dropout_p: floa
 
 
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
-                  dropout_p: float, scale: float, seed: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward (preprocess, dK/dV, dQ). Returns dq, dk, dv in the inputs' dtype.
+                  dropout_p: float, scale: float, seed: Optional[Tensor],
+                  variant: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the backward. Returns dq, dk, dv in the inputs' dtype.
 
+    variant: "triton_det" (preprocess, dK/dV, dQ kernels: deterministic), "triton_atomic" (one
+    5-matmul kernel, dQ by fp32 atomics: flash_attention_bwd_atomic.py) or "sdpa" (torch SDPA's
+    backward, recomputing the forward; dropout and causal Tq > Tk fall back to "triton_det");
+    None takes BWD_VARIANT (choices.py, resolved at import).
     lse: the forward's (B, H, Tq) fp32 natural-log log-sum-exp (-inf for a query with no key);
     the compiled extension's forward (gpt2_fast/extension.py) reuses this backward with its own."""
     B, H, Tq, D = q.shape
@@ -515,6 +492,22 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     dv = _bthd_empty(B, H, Tk, D, v.dtype, v.device)
     if B * H == 0 or Tk == 0 or Tq == 0:  # nothing to launch: every gradient is an empty or zero sum
         return dq.zero_(), dk.zero_(), dv.zero_()
+    variant = variant or BWD_VARIANT
+    if variant not in ("triton_det", "triton_atomic", "sdpa"):
+        raise ValueError(f"attention_bwd: variant must be 'triton_det', 'triton_atomic' or 'sdpa', got {variant!r}")
+    if variant == "sdpa" and sdpa_supports(causal, dropout_p, Tq, Tk):
+        attention_bwd_sdpa(do, q, k, v, causal, scale, dq, dk, dv)
+    elif variant == "triton_atomic":
+        attention_bwd_atomic(do, q, k, v, o, lse, causal, dropout_p, scale, seed, dq, dk, dv)
+    else:
+        _attention_bwd_det(do, q, k, v, o, lse, causal, dropout_p, scale, seed, dq, dk, dv)
+    return dq, dk, dv
+
+
+def _attention_bwd_det(do, q, k, v, o, lse, causal, dropout_p, scale, seed, dq, dk, dv) -> None:
+    """The deterministic backward: delta, then dK/dV per key block, then dQ per query block."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
     BLOCK_D = _block_d(D)
     delta = poison.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     seed_arg = seed if seed is not None else delta
@@ -532,7 +525,6 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
             q, k, v, do, lse, delta, dq, seed_arg,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, Tq, Tk, D, float(scale), float(dropout_p), _bucket(Tq), _bucket(Tk), **common)
-    return dq, dk, dv
 
 
 # =============================================================================================

@@ -228,3 +228,139 @@ def test_attention_t1023(fa, device, T):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     B, H = (2, 4) if device.type == "cuda" else (1, 1)
     _check(fa, *_qkv(B, H, T, T, 64, dtype, device), True)
+
+
+# ---- the A/B sides (gpt2_fast/choices.py): backward "attention_bwd", forward "attention_fwd_kernel"
+# Every test above runs the defaults (triton_det, v1); these run the other sides on the same cases.
+
+@pytest.fixture(params=["triton_atomic", "sdpa"])
+def bwd_variant(request, fa, monkeypatch):
+    """The custom op reads fa.BWD_VARIANT (resolved once at import) on each call."""
+    monkeypatch.setattr(fa, "BWD_VARIANT", request.param)
+    return request.param
+
+
+@pytest.fixture
+def fwd_pipelined(fa, monkeypatch):
+    monkeypatch.setattr(fa, "FWD_KERNEL", "pipelined")
+    return fa
+
+
+def test_choices_resolved_at_import(fa):
+    from gpt2_fast.choices import choice
+    assert fa.BWD_VARIANT == choice("attention_bwd") and fa.FWD_KERNEL == choice("attention_fwd_kernel")
+
+
+# (dtype, causal, B, H, Tq, Tk, D): one query, odd T, several blocks with ragged tails, Tq != Tk,
+# D = 80 (padded to 128)
+_VARIANT_CASES = [(torch.float32, True, 2, 2, 1, 1, 64), (torch.float32, True, 1, 1, 129, 129, 64),
+                  (torch.float32, False, 1, 2, 70, 5, 64), (torch.float32, True, 1, 2, 40, 97, 32),
+                  (torch.float16, True, 1, 2, 17, 17, 64), (torch.bfloat16, False, 1, 2, 33, 33, 64),
+                  (torch.bfloat16, True, 1, 1, 45, 45, 80)]
+
+
+@pytest.mark.parametrize("variant,case", [("triton_atomic", c) for c in _VARIANT_CASES]
+                         + [("sdpa", _VARIANT_CASES[i]) for i in (0, 2, 3, 4)])  # sdpa: torch's own kernel
+def test_bwd_variants(fa, device, monkeypatch, variant, case):
+    monkeypatch.setattr(fa, "BWD_VARIANT", variant)  # the custom op reads it on each call
+    dtype, causal, B, H, Tq, Tk, D = case
+    _check(fa, *_qkv(B, H, Tq, Tk, D, dtype, device), causal)
+
+
+@pytest.mark.parametrize("dtype,causal,B,H,Tq,Tk,D", [_VARIANT_CASES[i] for i in (0, 1, 2, 3)]
+                         + [(torch.bfloat16, False, 1, 1, 100, 100, 64)])
+def test_fwd_pipelined(fwd_pipelined, device, dtype, causal, B, H, Tq, Tk, D):
+    # T = 100 / 129: the rotated loop runs one / two iterations (interpreter BLOCK_N = 32)
+    _check(fwd_pipelined, *_qkv(B, H, Tq, Tk, D, dtype, device), causal)
+
+
+def test_bwd_variants_query_without_keys(fa, device, bwd_variant):
+    # causal, Tq > Tk: the first queries see no key; sdpa hands this case to triton_det
+    q, k, v = _qkv(1, 1, 9, 4, 32, torch.float32, device)
+    o = fa.attention(q, k, v, causal=True)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
+    assert all(torch.isfinite(g).all() for g in (dq, dk, dv))
+    assert torch.equal(dq[:, :, :5], torch.zeros_like(dq[:, :, :5]))
+    o_hi = attention_ref(*(t.detach().double()[:, :, -4:] if t is q else t.detach().double() for t in (q, k, v)),
+                         causal=True, upcast=True)
+    torch.testing.assert_close(o[:, :, 5:].double(), o_hi, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["triton_atomic", "sdpa"])
+def test_bwd_variants_dropout(fa, device, monkeypatch, variant):
+    """The same checks as test_dropout_forward_backward_use_one_mask, causal, for the other sides:
+    the atomic kernel regenerates the Philox mask; sdpa cannot and falls back to triton_det."""
+    monkeypatch.setattr(fa, "BWD_VARIANT", variant)
+    test_dropout_forward_backward_use_one_mask(fa, device, True)
+
+
+def test_fwd_pipelined_dropout_same_mask(fa, device):
+    q, k, v = (t.detach() for t in _qkv(1, 1, 70, 70, 32, torch.float32, device))
+    seed = torch.tensor([123], dtype=torch.int64, device=device)
+    o1, l1 = fa.attention_fwd(q, k, v, True, 0.3, 0.2, seed, kernel="v1")
+    o2, l2 = fa.attention_fwd(q, k, v, True, 0.3, 0.2, seed, kernel="pipelined")
+    torch.testing.assert_close(o2, o1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-6)
+
+
+def test_bwd_atomic_strided_views(fa, device, monkeypatch):
+    monkeypatch.setattr(fa, "BWD_VARIANT", "triton_atomic")
+    test_attention_strided_views(fa, device, torch.float32)
+
+
+def test_variant_names_checked(fa, device):
+    q, k, v = (t.detach() for t in _qkv(1, 1, 8, 8, 32, torch.float32, device))
+    o, lse = fa.attention_fwd(q, k, v, True, 0.0, 0.2, None)
+    with pytest.raises(ValueError, match="variant must be"):
+        fa.attention_bwd(o, q, k, v, o, lse, True, 0.0, 0.2, None, variant="cudnn")
+    with pytest.raises(ValueError, match="kernel must be"):
+        fa.attention_fwd(q, k, v, True, 0.0, 0.2, None, kernel="v2")
+
+
+# ---- shared memory: every config must fit sm_90's 227 KB at the head dim it launches with
+
+def test_fixed_configs_fit_every_head_dim(fa):
+    """GPT2_FAST_TRITON_AUTOTUNE=0 launches the first fixed config that fits (D = 256 included);
+    at D <= 128 that is the config used before the shared-memory pruner existed."""
+    from gpt2_fast.kernels import flash_attention_bwd_atomic as at
+    from gpt2_fast.kernels import flash_attention_fwd_pipelined as pf
+    from gpt2_fast.kernels.flash_attention_smem import SMEM_LIMIT, smem_estimate
+    for family, fixed in (("fwd", fa._FWD_FIXED), ("fwd_pipelined", pf.FIXED), ("bwd_dkdv", fa._DKDV_FIXED),
+                          ("bwd_dq", fa._DQ_FIXED), ("bwd_atomic", at.FIXED)):
+        for BD in (16, 32, 64, 128, 256):
+            for esize in (2, 4):
+                sizes = [smem_estimate(family, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], BD, c.num_stages, esize)
+                         for c in fixed]
+                assert min(sizes) <= SMEM_LIMIT, f"{family}: no fixed config fits D={BD}, {esize}-byte elements"
+                if BD <= 128 and esize == 2:
+                    assert sizes[0] <= SMEM_LIMIT, f"{family}: the first fixed config should serve D={BD}"
+    assert smem_estimate("fwd", 128, 64, 256, 3, 2) == 262144  # the old fixed forward config at D=256
+
+
+def test_smem_pruner(fa):
+    from gpt2_fast.kernels.flash_attention_smem import SMEM_LIMIT, _pruner, smem_estimate
+    exact = fa._FWD_EXACT
+    prune = _pruner("fwd", exact)["early_config_prune"]
+    q = torch.empty(1, dtype=torch.bfloat16)
+    kept = prune(fa._FWD_CONFIGS, {"Q": q}, BLOCK_D=256, DOT_PREC="tf32")
+    assert kept and len(kept) < len(fa._FWD_CONFIGS)
+    assert all(smem_estimate("fwd", c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 256, c.num_stages, 2) <= SMEM_LIMIT
+               for c in kept)
+    assert prune(fa._FWD_CONFIGS, {"Q": q}, BLOCK_D=64, DOT_PREC="tf32") == fa._FWD_CONFIGS
+    assert prune(fa._FWD_CONFIGS, {"Q": q.float()}, BLOCK_D=64, DOT_PREC="ieee") == [exact]
+
+
+@pytest.mark.slow  # several minutes of compiling on 2 shared cores
+def test_sm90_compile_new_kernels_and_fixed_d256():
+    """Triton's real compiler for sm_90 (no GPU needed): the atomic backward and the pipelined
+    forward at D = 64 without spills, and every fixed config at D = 256 within 227 KB, with the
+    pruner's estimate never below what Triton allocates (flash_attention_sm90 exits 1 otherwise)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for args in (["--head-dims", "64", "--only", "_attn_"], ["--head-dims", "256", "--fixed-only"]):
+        proc = subprocess.run([sys.executable, "-m", "gpt2_fast.kernels.flash_attention_sm90", *args], env=env,
+                              capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr:
+            pytest.skip("no ptxas for sm_90 in this triton install")
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]

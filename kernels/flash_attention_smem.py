@@ -1,0 +1,100 @@
+"""Shared memory of the flash-attention kernels per config, and the launcher that picks configs by it.
+
+An sm_90 block may use 227 KB (232448 bytes) of shared memory. Triton keeps in shared memory the
+tiles a kernel loads once (operands of the wgmma B side, q in the forward) plus `num_stages`
+copies of each tile loaded in the pipelined loop, so (e = bytes per element, Dp = padded head dim)
+
+    fwd:                 e*Dp*(BLOCK_M + 2*stages*BLOCK_N)                 (q; k, v per stage)
+    fwd_pipelined:       fwd + e*Dp*BLOCK_N                                 (k loaded a block ahead)
+    bwd_dkdv:            e*Dp*(2*BLOCK_N + 2*stages*BLOCK_M) + 8*stages*BLOCK_M   (k, v; q, dO, lse, delta)
+    bwd_dq:              e*Dp*(2*BLOCK_M + 2*stages*BLOCK_N)                (q, dO; k, v per stage)
+    bwd_atomic:          bwd_dkdv + e*BLOCK_M*BLOCK_N                        (+ dS^T staged for dQ = dS k)
+
+`smem_estimate` is these formulas rounded up; kernels/flash_attention_sm90.py compiles every
+config for sm_90 and tests/test_flash_attention.py checks that the estimate is never below
+what Triton allocates. Configs estimated over the limit are pruned before they are compiled
+(autotuning), and with autotuning off (GPT2_FAST_TRITON_AUTOTUNE=0, or the interpreter) the
+first fixed config that fits is launched; D = 256 thus launches on H100/H200 either way.
+"""
+import os
+
+import triton
+
+from ._attention_common import INTERPRET
+
+SMEM_LIMIT = 232448  # bytes one block may use on sm_90 (227 KB); sm_80 has 163 KB, sm_89 99 KB
+AUTOTUNE = not INTERPRET and os.environ.get("GPT2_FAST_TRITON_AUTOTUNE", "1") != "0"
+KEY = ["T_BUCKET_Q", "T_BUCKET_K", "BLOCK_D", "IS_CAUSAL", "HAS_DROPOUT"]
+
+
+def smem_estimate(family: str, BM: int, BN: int, BD: int, stages: int, esize: int) -> int:
+    """Bytes of shared memory Triton allocates for this config (an upper estimate, see above)."""
+    if family == "fwd":
+        return esize * BD * (BM + 2 * stages * BN)
+    if family == "fwd_pipelined":
+        return esize * BD * (BM + (2 * stages + 1) * BN)
+    if family == "bwd_dq":
+        return esize * BD * (2 * BM + 2 * stages * BN)
+    if family in ("bwd_dkdv", "bwd_atomic"):
+        base = esize * BD * (2 * BN + 2 * stages * BM) + 8 * stages * BM
+        return base + (esize * BM * BN if family == "bwd_atomic" else 0)
+    raise ValueError(f"smem_estimate: unknown kernel family {family!r}")
+
+
+def fits(family: str, BM: int, BN: int, BD: int, stages: int, esize: int, limit: int = SMEM_LIMIT) -> bool:
+    return smem_estimate(family, BM, BN, BD, stages, esize) <= limit
+
+
+def _config_fits(family, c: triton.Config, BD: int, esize: int) -> bool:
+    return fits(family, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], BD, c.num_stages, esize)
+
+
+def _no_fit(family, BD, esize):
+    return ValueError(f"flash attention ({family}): no config fits {SMEM_LIMIT} bytes of shared memory at "
+                      f"head dim {BD} with {esize}-byte elements")
+
+
+def _pruner(family: str, exact_fp32: triton.Config):
+    """early_config_prune: exact fp32 (DOT_PREC "ieee") runs on FMA units, where big tiles do not pay
+    and take ptxas a minute each: one small config; otherwise the configs that fit shared memory."""
+    def prune(configs, named_args, **kwargs):
+        if kwargs.get("DOT_PREC") == "ieee":
+            return [exact_fp32]
+        esize = named_args["Q"].element_size()
+        kept = [c for c in configs if _config_fits(family, c, kwargs["BLOCK_D"], esize)]
+        if not kept:
+            raise _no_fit(family, kwargs["BLOCK_D"], esize)
+        return kept
+    return {"early_config_prune": prune}
+
+
+class FixedConfigKernel:
+    """`kernel[grid](*args, **constexprs)` with one config: the first of `fixed` that fits the shared
+    memory at this launch's BLOCK_D and element size (exact fp32: `exact_fp32`)."""
+
+    def __init__(self, kernel, family: str, fixed: list, exact_fp32: triton.Config):
+        self.kernel, self.family, self.fixed, self.exact_fp32 = kernel, family, fixed, exact_fp32
+
+    def pick(self, BD: int, esize: int, dot_prec: str) -> triton.Config:
+        if dot_prec == "ieee" and not INTERPRET:
+            return self.exact_fp32
+        for c in self.fixed:
+            if INTERPRET or _config_fits(self.family, c, BD, esize):
+                return c
+        raise _no_fit(self.family, BD, esize)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            c = self.pick(kwargs["BLOCK_D"], args[0].element_size(), kwargs["DOT_PREC"])
+            return self.kernel[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        return launch
+
+
+def tuned_kernel(kernel, family: str, configs: list, fixed: list, interp: list, exact_fp32: triton.Config,
+                 reset_to_zero=None):
+    """The kernel as launched: autotuned over `configs` on CUDA (pruned by shared memory), else a
+    FixedConfigKernel over `fixed` (GPT2_FAST_TRITON_AUTOTUNE=0) or `interp` (the interpreter)."""
+    if not AUTOTUNE:
+        return FixedConfigKernel(kernel, family, interp if INTERPRET else fixed, exact_fp32)
+    return triton.autotune(configs=configs, key=KEY, prune_configs_by=_pruner(family, exact_fp32),
+                           reset_to_zero=reset_to_zero)(kernel)
