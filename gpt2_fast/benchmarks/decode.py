@@ -311,6 +311,9 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", action="store_true", help="use torch.compile for the compile peer on CPU too")
     p.add_argument("--profile", action="store_true",
                    help="also profile ours (torch.profiler): write a chrome trace, print the top kernels")
+    p.add_argument("--count-ops", action="store_true",
+                   help="only count the kernel launches of one decode step (unfused and fused, greedy and "
+                        "sampling; per layer and fixed; gpt2_fast/benchmarks/op_count.py) and exit")
 
 
 def _profile(model, prompt, new_tokens, device, out_dir, st) -> dict:
@@ -355,6 +358,15 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
         raise ValueError(f"--prompt-len {P} + --new-tokens {N} exceeds the model's block_size {cfg.block_size}")
     print(f"model {spec}: {cfg.n_layer} layers x {cfg.n_embd}, {source}; {dtype}, batch {args.batch}, "
           f"prompt {P}, {N} new tokens, greedy", flush=True)
+    if getattr(args, "count_ops", False):
+        from .op_count import report
+        result = {"kind": "decode-op-count", "stamp": st, "model": spec, "dtype": str(dtype),
+                  "config": cfg.to_dict(), "rows": report(model, batch=args.batch)}
+        if out_dir:
+            slug = common.slug(os.path.basename(spec.rstrip('/')))
+            result["paths"] = {"json": common.write_json(common.result_path(out_dir, f"decode-ops-{slug}", st, "json"),
+                                                         result)}
+        return result
     ceilings = common.measure_ceilings(device, quick=quick)
     wbytes = weight_bytes(model)
     g = torch.Generator().manual_seed(0)
