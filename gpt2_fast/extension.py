@@ -12,6 +12,10 @@ same natural-log lse), else the reference math recomputed under autograd. On CPU
 needs gradients runs the reference directly (the C++ forward serves inference). decode_attention is
 inference only. float64 inputs and attention dropout go to the reference (the kernels take
 fp32 / fp16 / bf16 and no dropout).
+Dtypes and torch.autocast follow gpt2_fast/reference.py's rules. The C++/CUDA LayerNorms take one
+dtype for x and residual and write y in it, so the wrappers cast around them: the narrower of x
+and residual up to s's dtype before, y to the autocast dtype after (one cast kernel each, which
+the Triton kernels avoid by storing the output dtype directly).
 
 Loading: `import gpt2_fast._C` (built by setup.py); when that fails and GPT2_FAST_JIT=1, or a CUDA
 device is present (and GPT2_FAST_JIT is not 0), the sources in csrc/ are compiled with
@@ -262,19 +266,28 @@ def _kernel_ok(*ts: Tensor) -> bool:
             and unavailable_reason(x.device.type) is None and x.shape[-1] > 0)
 
 
+def _widen_for(x: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """x, or x in fp32 when the kernel's output (in x's dtype) is to be cast to another 16-bit
+    dtype: so y is rounded once, from fp32, as the Triton kernels round it."""
+    return x if (x.dtype == out_dtype or x.dtype == torch.float32) else x.float()
+
+
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5) -> Tensor:
-    """LayerNorm over the last dim of x (..., C); weight, bias (C,) or None."""
+    """LayerNorm over the last dim of x (..., C); weight, bias (C,) or None. y in x's dtype, or
+    in the autocast dtype under torch.autocast."""
     _check_tensor("x", "layer_norm", x)
     _check_param("weight", "layer_norm", weight, x)
     _check_param("bias", "layer_norm", bias, x)
     if not _kernel_ok(x):
         return reference.layer_norm_ref(x, weight, bias, eps)
-    return LayerNormFunction.apply(x, weight, bias, float(eps))
+    y_dtype = reference.layer_norm_out_dtype(x)
+    return LayerNormFunction.apply(_widen_for(x, y_dtype), weight, bias, float(eps)).to(y_dtype)
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """(s, y): s = x + residual, y = LayerNorm(s); x, residual (..., C)."""
+    """(s, y): s = x + residual, y = LayerNorm(s); x, residual (..., C), dtypes may differ:
+    s in the wider one, y in s's dtype, or in the autocast dtype under torch.autocast."""
     _check_tensor("x", "add_layer_norm", x)
     _check_tensor("residual", "add_layer_norm", residual)
     if residual.shape != x.shape:
@@ -284,9 +297,12 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: 
         raise ValueError(f"add_layer_norm: residual must be on {x.device}, got {residual.device}")
     _check_param("weight", "add_layer_norm", weight, x)
     _check_param("bias", "add_layer_norm", bias, x)
-    if not _kernel_ok(x, residual):
+    if not (_kernel_ok(x) and _kernel_ok(residual)):
         return reference.add_layer_norm_ref(x, residual, weight, bias, eps)
-    return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps))
+    s_dtype = torch.promote_types(x.dtype, residual.dtype)
+    s, y = AddLayerNormFunction.apply(x.to(s_dtype), residual.to(s_dtype), weight, bias, float(eps))
+    # y is rounded to s's dtype first: twice only for a 16-bit s under the other 16-bit autocast
+    return s, y.to(reference.layer_norm_out_dtype(x, residual))
 
 
 def bias_gelu(x: Tensor, bias: Optional[Tensor]) -> Tensor:

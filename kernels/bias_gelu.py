@@ -25,6 +25,7 @@ from gpt2_fast import poison
 from gpt2_fast.reference import bias_gelu_ref
 
 from ._registry import check_float, check_same_device, launch, num_programs, rows_2d, triton_op
+from ._store import cast_for_store
 
 # ---------------------------------------------------------------------------------------------
 # kernels
@@ -51,7 +52,7 @@ def _bias_gelu_fwd_kernel(
     if HAS_BIAS:
         u += tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     gate, _ = _gelu_gate(u)
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], (u * gate).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_for_store(u * gate, Y), mask=mask)
 
 
 @triton.jit
@@ -74,7 +75,7 @@ def _bias_gelu_bwd_kernel(
         dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         gate, dz = _gelu_gate(u)
         dx = dy * (gate + u * 2.0 * gate * (1.0 - gate) * dz)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_for_store(dx, DX), mask=mask)
         if HAS_DB:
             db_acc += tl.where(mask, dx, 0.0)
     if HAS_DB:

@@ -18,7 +18,10 @@ by 1/n, the scale read from device memory, so no host sync), and then
     grad_hidden[chunk]  = dlogits @ W[:V]
     grad_W[:V]         += dlogits^T @ hidden[chunk]      (accumulated in fp32)
 so the backward only scales the saved gradients by dloss (Liger's fused_linear_cross_entropy
-does the same). Rows of W at or past vocab_size (a padded vocabulary) get zero gradient. Peak
+does the same). The matmuls run in reference.matmul_dtype(hidden, weight), the autocast dtype
+under autocast (hidden and weight cast to it, the weight once per call); grad_W is accumulated
+in fp32 without rounding each chunk's product to 16 bits (on CUDA cuBLAS writes the fp32 product
+of the 16-bit operands, torch.mm(out_dtype=float32); elsewhere the operands are widened first). Rows of W at or past vocab_size (a padded vocabulary) get zero gradient. Peak
 extra memory is one logits chunk plus the fp32 grad_W accumulator, instead of the (N, V) logits,
 their fp32 copy and their gradient.
 """
@@ -30,10 +33,14 @@ import triton.language as tl
 from torch import Tensor
 
 from gpt2_fast import poison
+from gpt2_fast.reference import matmul_dtype
 
 from ._registry import check_float, check_same_device, launch, triton_op
+from ._store import cast_for_store
 
 CHUNK_BYTES = 256 * 2**20  # logits bytes per chunk of rows in lm_head_cross_entropy
+# torch.mm(a, b, out_dtype=torch.float32) of fp16/bf16 operands (CUDA, torch >= 2.8)
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,7 +55,7 @@ def _ce_grad_row(Src, Dst, target, lse, scale, V, BLOCK_V: tl.constexpr):
         mask = cols < V
         x = tl.load(Src + cols, mask=mask, other=0.0).to(tl.float32)
         g = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
-        tl.store(Dst + cols, g.to(Dst.dtype.element_ty), mask=mask)
+        tl.store(Dst + cols, cast_for_store(g, Dst), mask=mask)
 
 
 @triton.jit
@@ -140,15 +147,27 @@ def _chunk_rows(N: int, V: int, element_size: int) -> int:
     return min(N, rows)
 
 
+def _add_mm_fp32(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc (fp32) += a @ b, accumulated in fp32 with no rounding of the product to a's dtype."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _MM_OUT_DTYPE:
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:  # exact: products of 16-bit values are exact in fp32
+        acc.addmm_(a.float(), b.float())
+
+
 @triton_op("lm_head_cross_entropy_fwd", mutates_args=())
 def lm_head_cross_entropy_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int,
                               vocab_size: int, chunk_rows: int, need_dhidden: bool,
-                              need_dweight: bool) -> tuple[Tensor, Tensor, Tensor]:
+                              need_dweight: bool, compute_dtype: torch.dtype
+                              ) -> tuple[Tensor, Tensor, Tensor]:
     """hidden (N, C), weight (V_padded, C), targets (N,) -> (mean loss () fp32,
-    dloss/dhidden (N, C) or empty, dloss/dweight (V_padded, C) or empty)."""
+    dloss/dhidden (N, C) in hidden's dtype or empty, dloss/dweight (V_padded, C) in weight's
+    dtype or empty). The matmuls run in compute_dtype."""
     N, C = hidden.shape
     V = vocab_size
-    w = weight[:V]                                                          # (V, C)
+    w = weight[:V].to(compute_dtype)                                        # (V, C)
     dev = hidden.device
     loss_rows = poison.empty((N,), dtype=torch.float32, device=dev)
     lse = poison.empty((N,), dtype=torch.float32, device=dev)
@@ -156,11 +175,11 @@ def lm_head_cross_entropy_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, i
     dhidden = poison.empty((N, C) if need_dhidden else (0,), dtype=hidden.dtype, device=dev)
     dweight32 = torch.zeros((weight.shape[0], C) if need_dweight else (0,), dtype=torch.float32,
                             device=dev)
-    chunk = chunk_rows if chunk_rows > 0 else _chunk_rows(N, V, hidden.element_size())
+    chunk = chunk_rows if chunk_rows > 0 else _chunk_rows(N, V, compute_dtype.itemsize)
     BLOCK_V, num_warps = _block_v(V)
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
-        h = hidden[start:end]                                               # (rows, C)
+        h = hidden[start:end].to(compute_dtype)                             # (rows, C)
         logits = torch.matmul(h, w.t())                                     # (rows, V)
         launch(_cross_entropy_fwd_kernel)[(end - start,)](
             logits, targets, loss_rows, lse, n_valid, logits.stride(0), start, V, ignore_index,
@@ -168,12 +187,12 @@ def lm_head_cross_entropy_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, i
         )
         # logits now holds dloss/dlogits for these rows
         if need_dhidden:
-            torch.matmul(logits, w, out=dhidden[start:end])
+            if dhidden.dtype == logits.dtype:
+                torch.matmul(logits, w, out=dhidden[start:end])
+            else:  # fp32 hidden under autocast: the 16-bit product, widened as autocast would
+                dhidden[start:end].copy_(torch.matmul(logits, w))
         if need_dweight:
-            if logits.dtype == torch.float32:
-                dweight32[:V].addmm_(logits.t(), h)
-            else:
-                dweight32[:V].add_(torch.matmul(logits.t(), h))
+            _add_mm_fp32(dweight32[:V], logits.t(), h)
     dweight = dweight32.to(weight.dtype) if need_dweight else dweight32
     return loss_rows.sum() / n_valid, dhidden, dweight
 
@@ -202,10 +221,12 @@ class LMHeadCrossEntropyFunction(torch.autograd.Function):
     """The gradients are computed in the forward (the logits chunks are gone by the backward)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, vocab_size, chunk_rows, need_dh, need_dw):
+    def forward(ctx, hidden, weight, targets, ignore_index, vocab_size, chunk_rows, need_dh, need_dw,
+                compute_dtype):
         # need_* come from the caller: ctx.needs_input_grad stays True under torch.no_grad()
         loss, dhidden, dweight = torch.ops.gpt2_fast_triton.lm_head_cross_entropy_fwd(
-            hidden, weight, targets, ignore_index, vocab_size, chunk_rows, need_dh, need_dw)
+            hidden, weight, targets, ignore_index, vocab_size, chunk_rows, need_dh, need_dw,
+            compute_dtype)
         ctx.save_for_backward(dhidden, dweight)
         ctx.need = (need_dh, need_dw)
         return loss
@@ -216,7 +237,7 @@ class LMHeadCrossEntropyFunction(torch.autograd.Function):
         need_dh, need_dw = ctx.need
         dh = dhidden * dloss.to(dhidden.dtype) if need_dh else None
         dw = dweight * dloss.to(dweight.dtype) if need_dw else None
-        return dh, dw, None, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +281,8 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignor
     """Mean CE of hidden @ weight[:vocab_size].T without materializing the (N, V) logits.
 
     hidden (N, C), weight (V_padded, C) (the tied embedding), targets (N,) int -> () fp32.
+    The matmuls run in the autocast dtype under torch.autocast, else in the wider of hidden's and
+    weight's dtypes; the gradients come back in hidden's and weight's own dtypes.
     chunk_rows: rows per chunk (0: from CHUNK_BYTES).
     """
     check_float("hidden", hidden)
@@ -267,8 +290,6 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignor
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be (N, C) and weight (V, C) with the same C; got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden and weight must have one dtype, got {hidden.dtype} and {weight.dtype}")
     check_same_device("hidden", hidden, weight=weight)
     V = weight.shape[0] if vocab_size is None else vocab_size
     if not isinstance(V, int) or not 0 < V <= weight.shape[0]:
@@ -282,7 +303,8 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignor
     grad = torch.is_grad_enabled()
     return LMHeadCrossEntropyFunction.apply(hidden.contiguous(), weight.contiguous(), targets,
                                             ignore_index, V, chunk_rows,
-                                            grad and hidden.requires_grad, grad and weight.requires_grad)
+                                            grad and hidden.requires_grad, grad and weight.requires_grad,
+                                            matmul_dtype(hidden, weight))
 
 
 def _mean_of_no_rows(t: Tensor) -> Tensor:

@@ -10,6 +10,11 @@ Backward (dy = dL/dy, ds = dL/ds from the residual stream, zero when not fused):
     dx     = rstd * (wdy - xhat * mean(xhat * wdy) - mean(wdy)) + ds   (= dL/dx = dL/dr)
     dw     = sum_rows(dy * xhat),  db = sum_rows(dy)
 
+Dtypes (gpt2_fast/reference.py's rules): x and r may differ (an fp32 residual stream plus a
+bf16 branch under autocast); s is stored in the wider of the two, y in the dtype the caller asks
+for (the autocast dtype under autocast, so no cast kernel sits in front of the next Linear), dx in
+s's dtype, cast to x's and r's by the autograd.Function.
+
 Design: one program normalizes BLOCK_M rows held whole in registers (BLOCK_N = next power of
 two >= N, masked; N <= 8192), several rows per program for small widths so each program still
 moves ~4K elements. The fused variant reads x and r once and writes s and y (the block's
@@ -27,9 +32,10 @@ import triton.language as tl
 from torch import Tensor
 
 from gpt2_fast import poison
-from gpt2_fast.reference import add_layer_norm_ref, layer_norm_ref
+from gpt2_fast.reference import add_layer_norm_ref, layer_norm_out_dtype, layer_norm_ref
 
 from ._registry import check_float, check_same_device, launch, num_programs, rows_2d, triton_op
+from ._store import cast_for_store
 
 MAX_WIDTH = 8192
 
@@ -54,7 +60,7 @@ def _layer_norm_fwd_kernel(
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(S.dtype.element_ty)    # round like torch
+        x = cast_for_store(x.to(tl.float32) + r.to(tl.float32), S)          # round like torch
         tl.store(S + rows[:, None] * stride_s + cols[None, :], x, mask=mask)
     x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / N                                             # (BLOCK_M,)
@@ -68,7 +74,7 @@ def _layer_norm_fwd_kernel(
     if HAS_BIAS:
         b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
         y = y + b[None, :]
-    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], cast_for_store(y, Y), mask=mask)
     tl.store(Mean + rows, mean, mask=row_mask)
     tl.store(Rstd + rows, rstd, mask=row_mask)
 
@@ -107,7 +113,7 @@ def _layer_norm_bwd_kernel(
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS:
             dx += tl.load(DS + rows[:, None] * stride_ds + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], cast_for_store(dx, DX), mask=mask)
         if HAS_DW:
             dw_acc += tl.sum(dy * xhat, axis=0)
         if HAS_DB:
@@ -136,11 +142,14 @@ _EMPTY = (0,)
 
 @triton_op("layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-                   bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x, residual (M, N) -> (y (M, N), s (M, N) or empty when residual is None, mean (M,), rstd (M,))."""
+                   bias: Optional[Tensor], eps: float, y_dtype: torch.dtype
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, residual (M, N) -> (y (M, N) in y_dtype, s (M, N) in promote(x, residual) or empty
+    when residual is None, mean (M,), rstd (M,))."""
     M, N = x.shape
-    y = poison.empty((M, N), dtype=x.dtype, device=x.device)
-    s = poison.empty((M, N) if residual is not None else _EMPTY, dtype=x.dtype, device=x.device)
+    y = poison.empty((M, N), dtype=y_dtype, device=x.device)
+    s_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    s = poison.empty((M, N) if residual is not None else _EMPTY, dtype=s_dtype, device=x.device)
     mean = poison.empty((M,), dtype=torch.float32, device=x.device)
     rstd = poison.empty((M,), dtype=torch.float32, device=x.device)
     BLOCK_M, BLOCK_N, num_warps = _block_sizes(N, 4096, 16)
@@ -188,11 +197,11 @@ def layer_norm_bwd(dy: Tensor, ds: Optional[Tensor], x: Tensor, weight: Optional
 # autograd
 # ---------------------------------------------------------------------------------------------
 
-def _ln_forward(ctx, x, residual, weight, bias, eps):
+def _ln_forward(ctx, x, residual, weight, bias, eps, y_dtype):
     N = x.shape[-1]
     x2 = rows_2d(x, N)
     r2 = rows_2d(residual, N) if residual is not None else None
-    y, s, mean, rstd = torch.ops.gpt2_fast_triton.layer_norm_fwd(x2, r2, weight, bias, eps)
+    y, s, mean, rstd = torch.ops.gpt2_fast_triton.layer_norm_fwd(x2, r2, weight, bias, eps, y_dtype)
     ctx.save_for_backward(s if residual is not None else x2, weight, mean, rstd)
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.shape = x.shape
@@ -212,25 +221,27 @@ def _ln_backward(ctx, ds, dy, need_dw, need_db):
 
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        return _ln_forward(ctx, x, None, weight, bias, eps)[1]
+    def forward(ctx, x, weight, bias, eps, y_dtype):
+        return _ln_forward(ctx, x, None, weight, bias, eps, y_dtype)[1]
 
     @staticmethod
     def backward(ctx, dy):
         dx, dw, db = _ln_backward(ctx, None, dy, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class AddLayerNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        return _ln_forward(ctx, x, residual, weight, bias, eps)
+    def forward(ctx, x, residual, weight, bias, eps, y_dtype):
+        ctx.in_dtypes = (x.dtype, residual.dtype)
+        return _ln_forward(ctx, x, residual, weight, bias, eps, y_dtype)
 
     @staticmethod
     def backward(ctx, ds, dy):
         dx, dw, db = _ln_backward(ctx, ds, dy, ctx.needs_input_grad[2], ctx.needs_input_grad[3])
-        # d(x + residual)/dx = d/dresidual: both inputs get the same gradient
-        return dx, dx, dw, db, None
+        # d(x + residual)/dx = d/dresidual: both inputs get the same gradient, in their own dtypes
+        x_dtype, r_dtype = ctx.in_dtypes
+        return dx.to(x_dtype), dx.to(r_dtype), dw, db, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,9 +258,8 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: flo
         raise ValueError(f"layer_norm width must be in [1, {MAX_WIDTH}], got {N}")
     if residual is not None:
         check_float("residual", residual)
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual must match x ({tuple(x.shape)}, {x.dtype}); "
-                             f"got {tuple(residual.shape)}, {residual.dtype}")
+        if residual.shape != x.shape:  # dtypes may differ: s takes the wider one
+            raise ValueError(f"residual must match x's shape {tuple(x.shape)}; got {tuple(residual.shape)}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_float(name, t)
@@ -261,21 +271,24 @@ def _check(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: flo
 
 
 def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float = 1e-5) -> Tensor:
-    """LayerNorm over the last dim. x (..., C), weight/bias (C,) or None -> y (..., C), x's dtype."""
+    """LayerNorm over the last dim. x (..., C), weight/bias (C,) or None -> y (..., C) in x's
+    dtype, or in the autocast dtype under torch.autocast."""
     _check(x, weight, bias, eps)
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     if x.numel() == 0:  # zero rows: nothing to launch; the reference keeps autograd working
         return layer_norm_ref(x, weight, bias, eps)
-    return LayerNormFunction.apply(x, weight, bias, float(eps))
+    return LayerNormFunction.apply(x, weight, bias, float(eps), layer_norm_out_dtype(x))
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    """(s, y): s = x + residual, y = LayerNorm(s), in one pass. x, residual (..., C)."""
+    """(s, y): s = x + residual, y = LayerNorm(s), in one pass. x, residual (..., C), dtypes may
+    differ: s in the wider one, y in s's dtype, or in the autocast dtype under torch.autocast."""
     _check(x, weight, bias, eps, residual)
     weight = weight.contiguous() if weight is not None else None
     bias = bias.contiguous() if bias is not None else None
     if x.numel() == 0:
         return add_layer_norm_ref(x, residual, weight, bias, eps)
-    return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps))
+    return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps),
+                                      layer_norm_out_dtype(x, residual))

@@ -115,7 +115,7 @@ def test_lm_head_under_no_grad(ce, device, monkeypatch):
 
     class Spy:  # records the need_dhidden / need_dweight flags the op was called with
         def __call__(self, *a):
-            seen.append(a[-2:])
+            seen.append(a[6:8])
             return real(*a)
     monkeypatch.setattr(ce.torch.ops.gpt2_fast_triton, "lm_head_cross_entropy_fwd", Spy(), raising=False)
     with torch.no_grad():
@@ -146,8 +146,6 @@ def test_bad_inputs(ce, device):
     with pytest.raises(ValueError, match=r"logits must have shape \(N, V\)"):
         ce.softmax_cross_entropy(logits[None], t)
     h, w = torch.randn(4, 8, device=device), torch.randn(12, 8, device=device)
-    with pytest.raises(TypeError, match="one dtype"):
-        ce.lm_head_cross_entropy(h, w.half(), t)
     with pytest.raises(ValueError, match="vocab_size must be"):
         ce.lm_head_cross_entropy(h, w, t, -100, 13)
     with pytest.raises(ValueError, match="same C"):

@@ -1,0 +1,284 @@
+"""Every fused op on every backend under torch.autocast (CPU; bf16 and fp16) with the mixed inputs
+training makes (fp32 parameters and residual stream, 16-bit Linear outputs): output dtypes follow
+gpt2_fast/reference.py's rules, values and every gradient match the reference under the same
+autocast (flash-attention tolerance: error vs float64 <= 2x the reference's own + atol). Then a
+full AdamW step of a tiny GPT and patch_hf training with labels, each backend vs backend torch.
+
+CPU autocast goes through the same dispatch keys as CUDA autocast, so these run in CI. Backends:
+triton (kernels/, under TRITON_INTERPRET=1 here), cpp (gpt2_fast.extension; its Python wrappers
+are the cuda backend's too), torch (gpt2_fast.reference). cpp has no fused cross-entropy: there
+the dispatcher takes torch's, tested as torch.
+"""
+import copy
+import importlib
+import os
+
+import pytest
+import torch
+
+from gpt2_fast import GPT, GPTConfig, extension, reference
+from gpt2_fast.kernels import _EXPORTS
+from tolerance import ATOL, assert_close_to_ref, assert_close_triton
+
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # interpreter tails
+
+AUTOCAST = [torch.bfloat16, torch.float16]
+BACKENDS = ["triton", "cpp", "torch"]
+F32 = torch.float32
+
+
+def _op(backend: str, op: str):
+    """The backend's public function for op (skips when this machine cannot run it)."""
+    if backend == "torch":
+        return getattr(reference, op + "_ref")
+    if backend == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+            pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 set before import")
+        return getattr(importlib.import_module(f"gpt2_fast.kernels.{_EXPORTS[op]}"), op)
+    why = extension.unavailable_reason("cpu")
+    if why:
+        pytest.skip(f"cpp backend: {why}")
+    if op not in extension.OPS:
+        pytest.skip(f"cpp backend has no {op}: the dispatcher runs torch's (tested as torch)")
+    return getattr(extension, op)
+
+
+def _leaf(shape, dtype, scale=1.0, shift=0.0):
+    return (scale * torch.randn(shape) + shift).to(dtype).requires_grad_()
+
+
+def _hi(t):
+    return t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def _outs(o):
+    return o if isinstance(o, tuple) else (o,)
+
+
+def _check(backend, op, args, ac, want_dtypes, grad=True, **kernel_kw):
+    """op(*args) of `backend` under autocast(ac) vs the reference under the same autocast and the
+    float64 reference; outputs must have want_dtypes, gradients their inputs' dtypes."""
+    fn, ref = _op(backend, op), getattr(reference, op + "_ref")
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad] if grad else []
+    hi_args = [_hi(a) for a in args]
+    hi_leaves = [h for a, h in zip(args, hi_args) if any(a is t for t in leaves)]
+    with torch.autocast("cpu", dtype=ac), torch.set_grad_enabled(grad):
+        out = _outs(fn(*args, **kernel_kw))
+        lo = _outs(ref(*args))
+    hi = _outs(ref(*hi_args, upcast=True))
+    assert [o.dtype for o in out] == list(want_dtypes), f"{op} output dtypes under {ac} autocast"
+    assert [o.dtype for o in lo] == list(want_dtypes), f"reference {op} output dtypes under {ac} autocast"
+    close = assert_close_triton if backend == "triton" else assert_close_to_ref
+    for j, (o, h, lo_j) in enumerate(zip(out, hi, lo)):
+        close(o, h, lo_j, f"{op} out[{j}]")
+    if not leaves:
+        return
+    gouts = [torch.randn(o.shape, dtype=F32).to(o.dtype) for o in out]
+    g = torch.autograd.grad(out, leaves, gouts)
+    g_lo = torch.autograd.grad(lo, leaves, gouts)
+    g_hi = torch.autograd.grad(hi, hi_leaves, [t.double() for t in gouts])
+    for i, (a, gi, gl, gh) in enumerate(zip(leaves, g, g_lo, g_hi)):
+        assert gi.dtype == a.dtype, f"{op}: grad {i} is {gi.dtype}, its input {a.dtype}"
+        close(gi, gh, gl, f"{op} grad {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# each op, mixed inputs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ac", AUTOCAST)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype", [F32, "ac"])
+def test_layer_norm(backend, ac, x_dtype):
+    x = _leaf((3, 5, 65), ac if x_dtype == "ac" else F32, 2.0, 0.5)  # the fp32 residual stream
+    w, b = _leaf(65, F32, 0.5, 1.0), _leaf(65, F32, 0.5)
+    _check(backend, "layer_norm", (x, w, b, 1e-5), ac, [ac])         # writes the autocast dtype
+
+
+@pytest.mark.parametrize("ac", AUTOCAST)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", ["model", "hf"])
+def test_add_layer_norm(backend, ac, order):
+    stream, branch = _leaf((2, 7, 96), F32, 3.0), _leaf((2, 7, 96), ac)
+    w, b = _leaf(96, F32, 0.5, 1.0), _leaf(96, F32, 0.5)
+    x, r = (stream, branch) if order == "model" else (branch, stream)  # patch_hf passes (attn, residual)
+    _check(backend, "add_layer_norm", (x, r, w, b, 1e-5), ac, [F32, ac])  # s keeps fp32
+
+
+@pytest.mark.parametrize("ac", AUTOCAST)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_gelu(backend, ac):
+    h, bias = _leaf((3, 4, 130), ac, 3.0), _leaf(130, F32)          # c_fc's output, fp32 bias
+    _check(backend, "bias_gelu", (h, bias), ac, [ac])
+
+
+@pytest.mark.parametrize("ac", AUTOCAST)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softmax_cross_entropy(backend, ac):
+    logits = _leaf((11, 97), ac, 4.0)
+    t = torch.randint(0, 97, (11,))
+    t[3] = -100
+    _check(backend, "softmax_cross_entropy", (logits, t, -100), ac, [F32])
+
+
+@pytest.mark.parametrize("ac", AUTOCAST)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hidden_dtype", ["ac", F32])
+def test_lm_head_cross_entropy(backend, ac, hidden_dtype):
+    hidden = _leaf((13, 32), ac if hidden_dtype == "ac" else F32)
+    weight = _leaf((70, 32), F32, 0.3)                               # tied fp32 embedding, padded
+    t = torch.randint(0, 67, (13,))
+    t[0] = -100
+    kw = dict(chunk_rows=4) if backend == "triton" else {}          # several chunks: dW adds up
+    _check(backend, "lm_head_cross_entropy", (hidden, weight, t, -100, 67), ac, [F32], **kw)
+
+
+@pytest.mark.parametrize("ac", AUTOCAST)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad", [True, False])
+def test_attention(backend, ac, grad):
+    q, k, v = (_leaf((1, 2, 19, 32), ac) for _ in range(3))          # c_attn's output
+    _check(backend, "attention", (q, k, v, True), ac, [ac], grad=grad)
+
+
+@pytest.mark.parametrize("ac", AUTOCAST)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_attention(backend, ac):
+    q = _leaf((2, 2, 1, 32), ac)
+    kc, vc = _leaf((2, 2, 24, 32), ac), _leaf((2, 2, 24, 32), ac)
+    kv_len = torch.tensor([24, 9], dtype=torch.int32)
+    _check(backend, "decode_attention", (q, kc, vc, kv_len), ac, [ac], grad=False)
+
+
+def test_fused_lm_head_weight_grad_accumulates_in_fp32():
+    """Many chunks: dW summed in fp32 (not rounded per chunk), so it stays as close to the float64
+    result as one chunk gets; a per-chunk bf16 rounding would add ~sqrt(chunks) bf16 ulps."""
+    _op("triton", "lm_head_cross_entropy")
+    ce = importlib.import_module("gpt2_fast.kernels.cross_entropy")
+    hidden, weight = _leaf((24, 16), torch.bfloat16), _leaf((40, 16), F32, 0.3)
+    t = torch.randint(0, 40, (24,))
+    dws = []
+    for chunk in (1, 24):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = ce.lm_head_cross_entropy(hidden, weight, t, chunk_rows=chunk)
+        dws.append(torch.autograd.grad(loss, weight)[0])
+    assert dws[0].dtype == F32
+    torch.testing.assert_close(dws[0], dws[1], atol=1e-6, rtol=1e-5)
+
+
+def test_helpers_trace_without_graph_breaks():
+    """The rules are read before the custom ops: torch.compile folds them (no graph break)."""
+    def f(x, r, w):
+        s, y = reference.add_layer_norm_ref(x, r, w, None)
+        return s, y, reference.layer_norm_out_dtype(x) == torch.bfloat16
+    x, r, w = torch.randn(4, 8), torch.randn(4, 8).bfloat16(), torch.ones(8)
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        s, y, flag = compiled(x, r, w)
+    assert s.dtype == F32 and y.dtype == torch.bfloat16 and flag
+    s, y, flag = compiled(x, r, w)                                   # autocast off: guards recompile
+    assert y.dtype == F32 and not flag
+
+
+# ---------------------------------------------------------------------------------------------
+# a full training step, and patch_hf, under autocast
+# ---------------------------------------------------------------------------------------------
+
+CFG = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=97, block_size=64, dropout=0.0)
+B, T, LR = 1, 37, 1e-3
+LOSS_ATOL = 1e-4  # x |loss|: a scalar mean, where the 16-bit errors of torch may cancel by luck
+
+
+def _train_step(model, fused, ac):
+    """One AdamW step: (loss, {name: grad}, {name: param after the step})."""
+    torch.manual_seed(1)
+    idx = torch.randint(0, CFG["vocab_size"], (B, T))
+    targets = torch.randint(0, CFG["vocab_size"], (B, T))
+    targets[0, :3] = -100
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    with torch.autocast("cpu", dtype=ac or F32, enabled=ac is not None):
+        _, loss = model(idx, targets, return_logits=not fused)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    return loss.detach(), grads, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def gpt_refs():
+    """Per fused flag: the tiny GPT's step with backend torch in fp32 without autocast (the
+    "exact" side: its error is ~1e4 x below bf16's) and under bf16 autocast, same weights."""
+    torch.manual_seed(0)
+    base = GPT(GPTConfig(**CFG, backend="torch"))
+    out = {"base": base}
+    for fused in (True, False):
+        out[fused, "hi"] = _train_step(copy.deepcopy(base), fused, None)
+        out[fused, "lo"] = _train_step(copy.deepcopy(base), fused, torch.bfloat16)
+    return out
+
+
+def _close_to_ref(name, got, hi, lo, atol):
+    """|got - hi| <= 2 |lo - hi| + atol, elementwise maxima (the kernel-test scheme, model-wide)."""
+    assert got.dtype == lo.dtype, f"{name}: {got.dtype} != {lo.dtype}"
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    err = (got.double() - hi).abs().max().item()
+    base = (lo.double() - hi).abs().max().item()
+    assert err <= 2 * base + atol, f"{name}: error {err:.3e} vs float64 > 2 x torch's {base:.3e} + {atol:.0e}"
+
+
+def _steps_close(name, got, hi, lo, p0):
+    """AdamW's first step is ~lr * sign(grad) (+ decay): where rounding flips the sign of a
+    near-zero gradient, two runs' steps differ by up to 2 lr. So: never more than that, and on
+    at most 2x the share of elements where torch under autocast differs from fp32, + 0.5%."""
+    assert not torch.isnan(got).any(), f"{name}: NaN after the step"
+    d_got, d_hi, d_lo = ((t.double() - p0.double()) for t in (got, hi, lo))
+    assert (d_got - d_hi).abs().max().item() <= 2.02 * LR, f"{name}: a step larger than AdamW's"
+    off = ((d_got - d_hi).abs() > 0.05 * LR).double().mean().item()
+    off_lo = ((d_lo - d_hi).abs() > 0.05 * LR).double().mean().item()
+    assert off <= 2 * off_lo + 0.005, f"{name}: steps off on {off:.2%} of elements, torch's {off_lo:.2%}"
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_loss", "logits_loss"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpt_train_step_under_autocast(gpt_refs, backend, fused):
+    if backend != "torch":
+        _op(backend, "layer_norm")  # skips when the backend cannot run here
+    model = copy.deepcopy(gpt_refs["base"]).set_backend(backend)
+    loss, grads, params = _train_step(model, fused, torch.bfloat16)
+    loss_hi, grads_hi, params_hi = gpt_refs[fused, "hi"]
+    loss_lo, grads_lo, params_lo = gpt_refs[fused, "lo"]
+    assert loss.dtype == F32
+    _close_to_ref("loss", loss, loss_hi, loss_lo, LOSS_ATOL * loss_hi.abs().item())
+    for n in grads_hi:
+        _close_to_ref(f"grad {n}", grads[n], grads_hi[n], grads_lo[n], ATOL[F32])
+    p0 = dict(gpt_refs["base"].named_parameters())
+    for n in params_lo:
+        _steps_close(n, params[n], params_hi[n], params_lo[n], p0[n])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_patch_hf_training_under_autocast(backend):
+    transformers = pytest.importorskip("transformers")
+    from gpt2_fast import patch_hf
+    if backend != "torch":
+        _op(backend, "layer_norm")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=97, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ref = transformers.GPT2LMHeadModel(cfg).train()                 # HF's default attention (sdpa)
+    fast = patch_hf(copy.deepcopy(ref), backend=backend, skip_logits=True)  # the fused LM-head loss
+    idx = torch.randint(0, 97, (B, T))
+    labels = idx.clone()
+    labels[0, :5] = -100
+    results = {}
+    for name, model, ac in (("hi", copy.deepcopy(ref), None), ("lo", ref, torch.bfloat16),
+                            ("fast", fast, torch.bfloat16)):
+        with torch.autocast("cpu", dtype=ac or F32, enabled=ac is not None):
+            out = model(idx, labels=labels)
+        out.loss.backward()
+        results[name] = (out, {n: p.grad for n, p in model.named_parameters()})
+    (out_fast, g_fast), (out_lo, g_lo), (out_hi, g_hi) = results["fast"], results["lo"], results["hi"]
+    assert out_fast.logits is None, "training with labels takes the fused LM-head loss"
+    _close_to_ref("loss", out_fast.loss, out_hi.loss, out_lo.loss, LOSS_ATOL * out_hi.loss.abs().item())
+    for n in g_hi:
+        _close_to_ref(f"grad {n}", g_fast[n], g_hi[n], g_lo[n], ATOL[F32])
