@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import poison
+from .choices import choice
 
 KERNELS = ("auto", "triton", "torch")
 TRITON_MAX_ROWS = 16  # up to this many rows of x the fused GEMV kernel runs (decode, verify)
@@ -57,6 +58,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
+        self.int8_matmul = choice("int8_matmul")  # CUDA decode: "gemv" (fused) | "dequant" (+ cuBLAS)
         self.kernel = "auto"  # "triton" forces the fused kernel, "torch" the dequantize path
 
     @classmethod
@@ -93,7 +95,8 @@ class Int8Linear(nn.Module):
             raise ValueError(f"Int8Linear.kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.kernel != "auto":
             return self.kernel == "triton"
-        return x.is_cuda and rows <= TRITON_MAX_ROWS and _triton_kernel() is not None
+        side = getattr(self, "int8_matmul", "gemv")  # choices.py int8_matmul, set at construction
+        return x.is_cuda and rows <= TRITON_MAX_ROWS and side == "gemv" and _triton_kernel() is not None
 
     def _linear(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         if x.shape[-1] != self.in_features:
