@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import platform
 
 import torch
@@ -14,6 +16,31 @@ def _version(module: str) -> str:
         return getattr(importlib.import_module(module), "__version__", "installed")
     except Exception as e:
         return f"not available ({type(e).__name__})"
+
+
+def extension_lines() -> list[str]:
+    """Whether gpt2_fast._C is there, and if not, loudly: why, and how to get it."""
+    from . import extension
+    from .build_ext import csrc_dir
+    here = os.path.dirname(os.path.abspath(__file__))
+    build = {}
+    try:
+        with open(os.path.join(here, "_build_info.json")) as f:  # written by setup.py's build_py
+            build = json.load(f)
+    except (OSError, ValueError):
+        pass
+    why = extension.unavailable_reason("cpu")
+    if why is None:
+        return [f"extension: gpt2_fast._C loaded ({extension._C.__file__})"]
+    sources = csrc_dir()
+    lines = ["WARNING: the compiled extension gpt2_fast._C is NOT available: the cpp/cuda backends are off",
+             f"  reason: {why}"]
+    if build.get("extension") == "skipped":
+        lines.append(f"  this install was built without it: {build.get('reason')}")
+    lines.append(f"  JIT sources: {sources}" if sources else
+                 "  JIT sources: not found (reinstall from a wheel or checkout that has csrc/)")
+    lines.append("  fix: pip install --no-build-isolation .   or   GPT2_FAST_JIT=1 (compiles on first use)")
+    return lines
 
 
 def info_lines() -> list[str]:
@@ -29,6 +56,7 @@ def info_lines() -> list[str]:
         lines.append(f"device: cpu ({platform.processor() or platform.machine()}, "
                      f"{torch.get_num_threads()} threads); no CUDA device")
         device_types = ["cpu"]
+    lines += extension_lines()
     env = ops.requested_backend("auto")
     lines.append(f"backend requested: {env} (GPT2_FAST_BACKEND or GPTConfig.backend)")
     for dt in device_types:
