@@ -166,18 +166,31 @@ def test_fused_lm_head_weight_grad_accumulates_in_fp32():
     torch.testing.assert_close(dws[0], dws[1], atol=1e-6, rtol=1e-5)
 
 
-def test_helpers_trace_without_graph_breaks():
-    """The rules are read before the custom ops: torch.compile folds them (no graph break)."""
-    def f(x, r, w):
-        s, y = reference.add_layer_norm_ref(x, r, w, None)
-        return s, y, reference.layer_norm_out_dtype(x) == torch.bfloat16
-    x, r, w = torch.randn(4, 8), torch.randn(4, 8).bfloat16(), torch.ones(8)
-    compiled = torch.compile(f, backend="eager", fullgraph=True)
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_autocast_reads_trace_without_graph_breaks(backend):
+    """Each wrapper reads autocast before its autograd.Function / registered op; torch.compile
+    folds those reads into guarded constants (fullgraph: a graph break would raise). Triton's
+    ops compile only on CUDA (the interpreter cannot run on fake tensors): tested there by
+    tests/test_<op>.py's test_torch_compile_traces."""
+    ln, add_ln, gelu = (_op(backend, op) for op in ("layer_norm", "add_layer_norm", "bias_gelu"))
+    ce = reference.lm_head_cross_entropy_ref                         # cpp has none: torch's runs
+
+    def step(x, r, w, b, W, t):
+        s, y = add_ln(x, r, w, b)
+        z = ln(s, w, b)
+        return s, y, gelu(y, b), ce(z.reshape(-1, 8), W, t)
+    args = (torch.randn(4, 8, requires_grad=True), torch.randn(4, 8).bfloat16().requires_grad_(),
+            torch.ones(8, requires_grad=True), torch.zeros(8, requires_grad=True),
+            torch.randn(11, 8, requires_grad=True), torch.randint(0, 11, (4,)))
+    compiled = torch.compile(step, backend="eager", fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        s, y, flag = compiled(x, r, w)
-    assert s.dtype == F32 and y.dtype == torch.bfloat16 and flag
-    s, y, flag = compiled(x, r, w)                                   # autocast off: guards recompile
-    assert y.dtype == F32 and not flag
+        out, want = compiled(*args), step(*args)
+    assert [o.dtype for o in out] == [F32, torch.bfloat16, torch.bfloat16, F32]
+    for o, e in zip(out, want):
+        torch.testing.assert_close(o, e)
+    out = compiled(*args)                                            # autocast off: recompiled
+    assert [o.dtype for o in out] == [F32, F32, F32, F32]
+    out[-1].backward()
 
 
 # ---------------------------------------------------------------------------------------------

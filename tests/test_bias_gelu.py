@@ -65,6 +65,27 @@ def test_tails_are_exact(bg, device):
     torch.testing.assert_close(y, bias_gelu_ref(x, None))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fp32_bias_with_16bit_x(bg, device, dtype):
+    """c_fc's output under autocast (16-bit) with its fp32 bias: y and dx in x's dtype, dbias fp32
+    (summed in fp32). tests/test_autocast.py runs the same under torch.autocast on every backend."""
+    x = (3 * torch.randn(6, 5, 72, device=device)).to(dtype).requires_grad_()
+    b = torch.randn(72, device=device, requires_grad=True)
+    y = bg.bias_gelu(x, b)
+    y_lo = bias_gelu_ref(x, b)
+    xh, bh = _hi(x), _hi(b)
+    y_hi = bias_gelu_ref(xh, bh, upcast=True)
+    assert y.dtype == y_lo.dtype == dtype
+    assert_close(y, y_hi, y_lo, "y")
+    dy = torch.randn_like(y)
+    dx, db = torch.autograd.grad(y, [x, b], dy)
+    dx_lo, db_lo = torch.autograd.grad(y_lo, [x, b], dy)
+    dx_hi, db_hi = torch.autograd.grad(y_hi, [xh, bh], dy.double())
+    assert dx.dtype == dtype and db.dtype == torch.float32
+    assert_close(dx, dx_hi, dx_lo, "dx")
+    assert_close(db, db_hi, db_lo, "dbias")
+
+
 def test_frozen_bias_gets_no_grad(bg, device):
     x = torch.randn(4, 40, device=device, requires_grad=True)
     b = torch.randn(40, device=device)  # requires_grad False

@@ -93,6 +93,27 @@ def test_lm_head_cross_entropy(ce, device, N, C, Vp, V, chunk, dtype):
     assert torch.all(dw[V:] == 0), "padded vocabulary rows must get zero gradient"
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_lm_head_mixed_dtypes(ce, device, low):
+    """16-bit hidden with the fp32 tied embedding, no autocast: the matmuls run in fp32 (the wider
+    dtype, reference.matmul_dtype), gradients in each input's dtype. Under autocast (the matmuls
+    in the autocast dtype): tests/test_autocast.py."""
+    h = torch.randn(21, 24, device=device).to(low).requires_grad_()
+    w = (0.3 * torch.randn(50, 24, device=device)).requires_grad_()
+    t = _targets(21, 47, device, n_ignored=2)
+    loss = ce.lm_head_cross_entropy(h, w, t, -100, 47, chunk_rows=8)
+    loss_lo = lm_head_cross_entropy_ref(h, w, t, -100, 47)
+    hh, wh = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    loss_hi = lm_head_cross_entropy_ref(hh, wh, t, -100, 47, upcast=True)
+    assert_close_to_ref(loss, loss_hi, loss_lo, "loss")
+    dh, dw = torch.autograd.grad(loss, [h, w])
+    dh_lo, dw_lo = torch.autograd.grad(loss_lo, [h, w])
+    dh_hi, dw_hi = torch.autograd.grad(loss_hi, [hh, wh])
+    assert dh.dtype == low and dw.dtype == torch.float32
+    assert_close(dh, dh_hi, dh_lo, "dhidden")
+    assert_close(dw, dw_hi, dw_lo, "dweight")
+
+
 @pytest.mark.parametrize("which", ["hidden", "weight", "none"])
 def test_lm_head_partial_grads(ce, device, which):
     h = torch.randn(6, 16, device=device, requires_grad=which == "hidden")

@@ -118,6 +118,31 @@ def test_fp32_params_with_bf16_activations(ln, device):
     assert gw.dtype == torch.float32 and gb.dtype == torch.float32
 
 
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("order", ["stream_first", "branch_first"])
+def test_add_layer_norm_mixed_dtypes(ln, device, low, order):
+    """An fp32 residual stream plus a 16-bit branch, no autocast: s and y in fp32 (the wider
+    dtype; s rounded as torch's add), each gradient in its own input's dtype. Under autocast
+    (y in the autocast dtype): tests/test_autocast.py."""
+    stream = (3 * torch.randn(5, 7, 96, device=device)).requires_grad_()
+    branch = torch.randn(5, 7, 96, device=device).to(low).requires_grad_()
+    x, r = (stream, branch) if order == "stream_first" else (branch, stream)
+    w, b = _params(96, torch.float32, device)
+    s, y = ln.add_layer_norm(x, r, w, b, 1e-5)
+    s_lo, y_lo = add_layer_norm_ref(x, r, w, b, 1e-5)
+    hi = [_hi(t) for t in (x, r, w, b)]
+    s_hi, y_hi = add_layer_norm_ref(*hi, 1e-5, upcast=True)
+    assert s.dtype == y.dtype == y_lo.dtype == torch.float32
+    assert torch.equal(s, s_lo), "s = x + residual must round exactly as torch's add"
+    assert_close(y, y_hi, y_lo, "y")
+    ds, dy = torch.randn_like(s), torch.randn_like(y)
+    g = torch.autograd.grad([s, y], [x, r, w, b], [ds, dy])
+    g_lo = torch.autograd.grad([s_lo, y_lo], [x, r, w, b], [ds, dy])
+    g_hi = torch.autograd.grad([s_hi, y_hi], hi, [ds.double(), dy.double()])
+    assert [t.dtype for t in g] == [x.dtype, r.dtype, torch.float32, torch.float32]
+    _compare(g, g_hi, g_lo, ["dx", "dresidual", "dw", "db"])
+
+
 def test_widest_row(ln, device):
     x = torch.randn(2, 8192, device=device, requires_grad=True)
     w, b = _params(8192, torch.float32, device)
@@ -146,7 +171,7 @@ def test_bad_inputs(ln, device):
         ln.layer_norm(x, w[:8], b)
     with pytest.raises(ValueError, match="width must be in"):
         ln.layer_norm(torch.randn(1, 8193, device=device), None, None)
-    with pytest.raises(ValueError, match="residual must match"):
+    with pytest.raises(ValueError, match="residual must match x's shape"):
         ln.add_layer_norm(x, x[:2], w, b)
     with pytest.raises(ValueError, match="non-negative"):
         ln.layer_norm(x, w, b, -1.0)
