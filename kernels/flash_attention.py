@@ -26,6 +26,12 @@ Backward (FlashAttention-2, no atomics; P is recomputed from q, k and the saved 
         dQ += dS K * scale
 Two kernels recompute S and dP twice: 7 tile matmuls per (query, key) block pair instead of the 5
 of a single kernel with atomic dq adds, in exchange for determinism and no dq zero-fill/fp32 pass.
+That single kernel is the other side of the A/B choice (gpt2_fast/choices.py "attention_bwd"):
+"triton_det" (above, the default), "triton_atomic" (flash_attention_bwd_atomic.py) or "sdpa"
+(flash_attention_bwd_sdpa.py: torch's SDPA backward, recomputing the forward). The forward has
+one too, "attention_fwd_kernel": "v1" (above) or "pipelined" (flash_attention_fwd_pipelined.py:
+QK^T of the next key block in flight during this block's softmax). Both are resolved once, at
+import, into FWD_KERNEL / BWD_VARIANT, which the custom ops read.
 
 Dropout (training): keep_ij = (philox_uniform(seed, bh*Tq*Tk + i*Tk + j) >= p); the forward
 normalizes l with the undropped p, accumulates only kept p, and scales o by 1/(1-p). The
@@ -38,9 +44,11 @@ Layers: @triton.jit kernels -> host launchers (attention_fwd, attention_bwd) -> 
 custom ops "gpt2_fast_triton::attention_fwd" / "::attention_bwd" with fake (meta) functions, so
 torch.compile and CUDA graphs see through them -> AttentionFunction (autograd) -> attention().
 The same path runs on CPU under TRITON_INTERPRET=1. On CUDA the kernels are autotuned for
-H100/H200 (BLOCK_M/BLOCK_N 64/128, 4/8 warps, 2-4 stages); under the interpreter one small
-config is used (autotuning there is meaningless and slow), and GPT2_FAST_TRITON_AUTOTUNE=0 picks
-one fixed config on CUDA too (quick test runs). Exact fp32 (torch's default "highest" fp32 matmul
+H100/H200 (BLOCK_M/BLOCK_N 64/128, 4/8 warps, 2-4 stages), configs over sm_90's 227 KB of
+shared memory at the launch's head dim pruned first (flash_attention_smem.py); under the
+interpreter one small config is used (autotuning there is meaningless and slow), and
+GPT2_FAST_TRITON_AUTOTUNE=0 launches the first fixed config that fits the head dim (D = 256
+included). Registers, spills and shared memory per config: flash_attention_sm90.py. Exact fp32 (torch's default "highest" fp32 matmul
 precision) uses one small FMA-friendly config; "high"/"medium" allow TF32 tensor cores.
 Interpreter caveat (triton-lang/triton#11584): the Triton interpreter multiplies bf16 dot
 operands as raw uint16 bits and truncates fp32 -> bf16 casts; DOT_PREC "bf16_interp" (CPU tests
@@ -408,7 +416,7 @@ _DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 6
                         (128, 32, 4, 3), (64, 32, 4, 4)])
 # Autotuning off (GPT2_FAST_TRITON_AUTOTUNE=0: quick test runs, fast start-up): the first config
 # that fits the head dim's shared memory (the smaller ones serve D = 256).
-_FWD_FIXED = _configs([(128, 64, 4, 3), (64, 64, 4, 2), (64, 32, 4, 2)])
+_FWD_FIXED = _configs([(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)])  # 8 warps: (128, 64, 4, 3) spills at D=128
 _DKDV_FIXED = _configs([(64, 64, 4, 3), (32, 64, 4, 2), (32, 32, 4, 2)])
 _DQ_FIXED = _configs([(64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)])
 # The interpreter: one small config (autotuning there measures nothing). Unequal BLOCK_M and

@@ -202,7 +202,7 @@ def _attn_bwd_dq_convert_kernel(DQacc, DQ, stride_dqb, stride_dqh, stride_dqm, s
 # pruned (flash_attention_smem.py). FIXED: with autotuning off, the first that fits; INTERP: the
 # interpreter's (unequal blocks on purpose: the tests cross the causal stages' block boundaries).
 CONFIGS = tl_configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3)])
-FIXED = tl_configs([(32, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)])
+FIXED = tl_configs([(32, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)])
 INTERP = tl_configs([(32, 64, 4, 1)])
 EXACT_FP32_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)
 # the autotuner re-runs the kernel per config: DQacc is re-zeroed before each run and the final one

@@ -8,13 +8,14 @@ copies of each tile loaded in the pipelined loop, so (e = bytes per element, Dp 
     fwd_pipelined:       fwd + e*Dp*BLOCK_N                                 (k loaded a block ahead)
     bwd_dkdv:            e*Dp*(2*BLOCK_N + 2*stages*BLOCK_M) + 8*stages*BLOCK_M   (k, v; q, dO, lse, delta)
     bwd_dq:              e*Dp*(2*BLOCK_M + 2*stages*BLOCK_N)                (q, dO; k, v per stage)
-    bwd_atomic:          bwd_dkdv + e*BLOCK_M*BLOCK_N                        (+ dS^T staged for dQ = dS k)
+    bwd_atomic:          bwd_dkdv + e*max(BLOCK_M, 32)*BLOCK_N + 4*BLOCK_M*Dp   (+ dS^T for dQ = dS k,
+                         + e*Dp*BLOCK_N if BLOCK_M < 64          dQ re-laid out; k again for mma.sync)
 
 `smem_estimate` is these formulas rounded up; kernels/flash_attention_sm90.py compiles every
-config for sm_90 and tests/test_flash_attention.py checks that the estimate is never below
-what Triton allocates. Configs estimated over the limit are pruned before they are compiled
-(autotuning), and with autotuning off (GPT2_FAST_TRITON_AUTOTUNE=0, or the interpreter) the
-first fixed config that fits is launched; D = 256 thus launches on H100/H200 either way.
+config for sm_90 and fails if the estimate is ever below what Triton allocates. Configs
+estimated over the limit are pruned before they are compiled (autotuning), and with autotuning
+off (GPT2_FAST_TRITON_AUTOTUNE=0) the first fixed config that fits is launched; D = 256 thus
+launches on H100/H200 either way.
 """
 import os
 
@@ -37,7 +38,11 @@ def smem_estimate(family: str, BM: int, BN: int, BD: int, stages: int, esize: in
         return esize * BD * (2 * BM + 2 * stages * BN)
     if family in ("bwd_dkdv", "bwd_atomic"):
         base = esize * BD * (2 * BN + 2 * stages * BM) + 8 * stages * BM
-        return base + (esize * BM * BN if family == "bwd_atomic" else 0)
+        if family == "bwd_dkdv":
+            return base
+        # dS^T staged for dQ = dS k, dQ's fp32 tile re-laid out for the atomics; with BLOCK_M < 64
+        # the dQ dot is mma.sync and reads a second, differently swizzled copy of k
+        return base + esize * max(BM, 32) * BN + 4 * BM * BD + (esize * BN * BD if BM < 64 else 0)
     raise ValueError(f"smem_estimate: unknown kernel family {family!r}")
 
 
@@ -54,14 +59,16 @@ def _no_fit(family, BD, esize):
                       f"head dim {BD} with {esize}-byte elements")
 
 
-def _pruner(family: str, exact_fp32: triton.Config):
+def _pruner(family: str, fixed: list, exact_fp32: triton.Config):
     """early_config_prune: exact fp32 (DOT_PREC "ieee") runs on FMA units, where big tiles do not pay
-    and take ptxas a minute each: one small config; otherwise the configs that fit shared memory."""
+    and take ptxas a minute each: one small config; otherwise the configs that fit shared memory,
+    else (large head dims in fp32) the first fixed config that does."""
     def prune(configs, named_args, **kwargs):
         if kwargs.get("DOT_PREC") == "ieee":
             return [exact_fp32]
         esize = named_args["Q"].element_size()
         kept = [c for c in configs if _config_fits(family, c, kwargs["BLOCK_D"], esize)]
+        kept = kept or [c for c in fixed if _config_fits(family, c, kwargs["BLOCK_D"], esize)][:1]
         if not kept:
             raise _no_fit(family, kwargs["BLOCK_D"], esize)
         return kept
@@ -96,5 +103,5 @@ def tuned_kernel(kernel, family: str, configs: list, fixed: list, interp: list, 
     FixedConfigKernel over `fixed` (GPT2_FAST_TRITON_AUTOTUNE=0) or `interp` (the interpreter)."""
     if not AUTOTUNE:
         return FixedConfigKernel(kernel, family, interp if INTERPRET else fixed, exact_fp32)
-    return triton.autotune(configs=configs, key=KEY, prune_configs_by=_pruner(family, exact_fp32),
+    return triton.autotune(configs=configs, key=KEY, prune_configs_by=_pruner(family, fixed, exact_fp32),
                            reset_to_zero=reset_to_zero)(kernel)

@@ -340,7 +340,7 @@ def test_fixed_configs_fit_every_head_dim(fa):
 def test_smem_pruner(fa):
     from gpt2_fast.kernels.flash_attention_smem import SMEM_LIMIT, _pruner, smem_estimate
     exact = fa._FWD_EXACT
-    prune = _pruner("fwd", exact)["early_config_prune"]
+    prune = _pruner("fwd", fa._FWD_FIXED, exact)["early_config_prune"]
     q = torch.empty(1, dtype=torch.bfloat16)
     kept = prune(fa._FWD_CONFIGS, {"Q": q}, BLOCK_D=256, DOT_PREC="tf32")
     assert kept and len(kept) < len(fa._FWD_CONFIGS)
@@ -348,6 +348,9 @@ def test_smem_pruner(fa):
                for c in kept)
     assert prune(fa._FWD_CONFIGS, {"Q": q}, BLOCK_D=64, DOT_PREC="tf32") == fa._FWD_CONFIGS
     assert prune(fa._FWD_CONFIGS, {"Q": q.float()}, BLOCK_D=64, DOT_PREC="ieee") == [exact]
+    # fp32 (TF32) at D = 256: no autotune candidate fits, the first fixed config that does is used
+    (c,) = prune(fa._FWD_CONFIGS[:1], {"Q": q.float()}, BLOCK_D=256, DOT_PREC="tf32")
+    assert smem_estimate("fwd", c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 256, c.num_stages, 4) <= SMEM_LIMIT
 
 
 @pytest.mark.slow  # several minutes of compiling on 2 shared cores
