@@ -100,7 +100,8 @@ def test_decode_quick(results):
     assert "random weights" in data["weights"]
     cfg = data["config"]
     rows = {r["peer"]: r for r in data["rows"]}
-    assert set(rows) == {"ours", "hf", "compile"}
+    assert set(rows) == {"ours", "hf", "eager-static"}  # quick CPU mode does not compile: labelled eager
+    assert "torch.compile skipped" in rows["eager-static"]["detail"]
     for peer, r in rows.items():
         assert r["status"] == "ok", r
         assert r["decode_steps"] == data["new_tokens"] - 1  # the first token's time is the TTFT
@@ -114,7 +115,7 @@ def test_decode_quick(results):
     C, V = cfg["n_embd"], cfg["vocab_size"]
     per_layer = 12 * C * C + 13 * C
     assert data["weight_bytes"] == 4 * (V * C + cfg["n_layer"] * per_layer + 2 * C)
-    assert "same_tokens" in rows["hf"] and "same_tokens" in rows["compile"]
+    assert "same_tokens" in rows["hf"] and rows["eager-static"]["same_tokens"] is not None
 
 
 def test_train_quick(results):
@@ -154,6 +155,7 @@ def test_summary_merges(results, capsys):
     (["decode", "--new-tokens", "1"], "--new-tokens >= 2"),
     (["train", "--model", "gpt3"], "--model must be one of"),
     (["train", "--peers", "ours,jax"], "--peers must be a comma list of"),
+    (["train", "--steps", "0"], "--steps, --warmup >= 1"),
     (["kernels", "--device", "cuda:0"] if not torch.cuda.is_available() else ["kernels", "--device", "tpu"],
      "--device"),
 ])
@@ -176,6 +178,20 @@ def test_common_helpers():
     assert t["reps"] >= 4 and 0 < t["p10_ms"] <= t["ms"] <= t["p90_ms"]
     table = common.format_table([dict(a="x", b=1.5), dict(a="yy", b=None)], (("a", "A"), ("b", "B")))
     assert table.splitlines()[0].split() == ["A", "B"] and table.splitlines()[3].split() == ["yy", "-"]
+    assert common.IMPOSSIBLE_NOTE not in table
+
+
+def test_impossible_percentages_are_marked(tmp_path):
+    rows = [dict(peer="ours", mfu_measured_pct=602.0, pct_copy_bw=40.0), dict(peer="hf", mfu_measured_pct=99.0)]
+    table = common.format_table(rows, (("peer", "peer"), ("mfu_measured_pct", "MFU"), ("pct_copy_bw", "%")))
+    assert "602!" in table and "99" in table and "99!" not in table and "40!" not in table
+    assert table.splitlines()[-1] == common.IMPOSSIBLE_NOTE
+    path = common.write_json(str(tmp_path / "r.json"), {"rows": rows})
+    saved = json.load(open(path))["rows"]
+    assert "mfu_measured_pct 602% > 100%: impossible" in saved[0]["suspect"] and "suspect" not in saved[1]
+    lines = summary.train_lines({"model": "tiny", "batch": 1, "seq": 8, "rows": [
+        dict(peer="ours", status="ok", tokens_per_s=1.0, mfu_datasheet_pct=None, mfu_measured_pct=170.0)]})
+    assert "170!" in "\n".join(lines) and common.IMPOSSIBLE_NOTE in "\n".join(lines)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")

@@ -14,6 +14,11 @@ Ceilings (`measure_ceilings`), measured in the same run as the numbers they boun
   matmul_tflops_fp32 the same in fp32 (TF32 off, as torch's default)
 A memory-bound kernel's "% of ceiling" is its GB/s over copy_gbps; a compute-bound one's is its
 TFLOP/s over the matmul rate of its dtype.
+
+Impossible figures: a share of a physical ceiling above 100 % (MFU 602 %, "170 % of ceiling")
+means timing noise on a busy machine or a ceiling measured low, never a real speed. Tables mark
+such a cell with "!" and a footnote (format_table), and JSON rows get a "suspect" entry
+(write_json), so no such figure is quoted by mistake.
 """
 from __future__ import annotations
 
@@ -35,6 +40,9 @@ import torch
 from ..atomic import atomic_write
 
 CPU_NOTE = "CPU figures: tiny shapes, few iterations; they say nothing about GPU speed"
+PERCENT_OF_CEILING = ("pct_ceiling", "pct_copy_bw", "mfu_datasheet_pct", "mfu_measured_pct")
+IMPOSSIBLE_NOTE = ("! above 100% of its ceiling: impossible (timing noise on a busy machine, or a ceiling "
+                   "measured low); do not quote it")
 CPU_NOTE_FULL = "CPU figures (real shapes); they say nothing about GPU speed"
 
 
@@ -312,8 +320,28 @@ def _jsonable(x):
     return x
 
 
+def impossible_keys(row: dict, keys: Sequence[str] = PERCENT_OF_CEILING) -> list[str]:
+    """The keys of row whose value is a share of a ceiling above 100 %."""
+    return [k for k in keys if isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+            and math.isfinite(row[k]) and row[k] > 100]
+
+
+def mark_impossible(rows: Sequence[dict]) -> int:
+    """Give each row with an impossible percentage a "suspect" entry; returns how many rows."""
+    n = 0
+    for r in rows:
+        bad = impossible_keys(r)
+        if bad:
+            r["suspect"] = "; ".join(f"{k} {r[k]:.0f}% > 100%" for k in bad) + \
+                ": impossible (timing noise on a busy machine, or a ceiling measured low)"
+            n += 1
+    return n
+
+
 def write_json(path: str, obj: dict) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if isinstance(obj.get("rows"), list):
+        mark_impossible([r for r in obj["rows"] if isinstance(r, dict)])
 
     def write(p):
         with open(p, "w") as f:
@@ -371,9 +399,13 @@ def fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
-def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> str:
-    """columns: (key, header). Right-aligned numbers, left-aligned text."""
-    cells = [[h for _, h in columns]] + [[fmt(r.get(k)) for k, _ in columns] for r in rows]
+def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]],
+                 percent_keys: Sequence[str] = PERCENT_OF_CEILING) -> str:
+    """columns: (key, header). Right-aligned numbers, left-aligned text. A percentage of a ceiling
+    (percent_keys) above 100 is marked "!" and explained under the table."""
+    cells = [[h for _, h in columns]] + [
+        [fmt(r.get(k)) + ("!" if k in impossible_keys(r, percent_keys) else "") for k, _ in columns] for r in rows]
+    flagged = any(impossible_keys(r, percent_keys) for r in rows)
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     lines = []
     for n, row in enumerate(cells):
@@ -384,6 +416,8 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str]]) -> st
         lines.append("  ".join(parts).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if flagged:
+        lines.append(IMPOSSIBLE_NOTE)
     return "\n".join(lines)
 
 

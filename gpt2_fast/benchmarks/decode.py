@@ -282,7 +282,8 @@ def run_compile(model, prompt, new_tokens, device, dtype, wbytes, P, allow_compi
                 if device.type == "cuda" else
                 ("torch.compile one-token step, static cache" if use_compile else
                  "eager static-cache step (torch.compile skipped on CPU: pass --compile)")) + note
-        row = _summary("compile", iv[0] * 1e-3, iv[1:], model.config, B, P, new_tokens, wbytes, dtype,
+        label = "compile" if use_compile else "eager-static"  # not compiled: never labelled "compile"
+        row = _summary(label, iv[0] * 1e-3, iv[1:], model.config, B, P, new_tokens, wbytes, dtype,
                        device, warmup_s=warmup_s, compile_s=warmup_s if use_compile else None, detail=what)
         return row, ids
     finally:
@@ -386,6 +387,7 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
                 row, ids[peer] = run_hf(model, prompt, N, device, dtype, wbytes, P)
             else:
                 row, ids[peer] = run_compile(model, prompt, N, device, dtype, wbytes, P, args.compile)
+                ids[row["peer"]] = ids[peer]
         except Exception as e:
             msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             row = dict(peer=peer, status="skipped", reason=f"failed here: {type(e).__name__}: {msg}")

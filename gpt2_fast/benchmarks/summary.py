@@ -72,13 +72,15 @@ def kernel_lines(k: dict) -> list[str]:
         table.append(dict(op=op, mode=mode, shape=shape,
                           ours=f"{best_o['provider']} {common.fmt(best_o['ms'])} ms" if best_o else "-",
                           ours_val=f"{common.fmt(best_o['value'])} {best_o['metric']} "
-                                   f"({common.fmt(best_o.get('pct_ceiling'))}%)" if best_o else "-",
+                                   f"({common.fmt(best_o.get('pct_ceiling'))}%"
+                                   f"{'!' if common.impossible_keys(best_o) else ''})" if best_o else "-",
                           peer=f"{best_p['provider']} {common.fmt(best_p['ms'])} ms" if best_p else "-",
                           speedup=(best_p["ms"] / best_o["ms"]) if best_o and best_p else None))
+    note = [common.IMPOSSIBLE_NOTE] if any("%!" in t["ours_val"] for t in table) else []
     return ["kernels (largest shape measured; best of ours vs best peer):",
             common.format_table(table, (("op", "op"), ("mode", "mode"), ("shape", "shape"),
                                         ("ours", "ours"), ("ours_val", "ours rate (% ceiling)"),
-                                        ("peer", "best peer"), ("speedup", "x peer")))]
+                                        ("peer", "best peer"), ("speedup", "x peer")))] + note
 
 
 def decode_lines(decode: dict) -> list[str]:
@@ -118,7 +120,8 @@ def train_lines(t: Optional[dict]) -> list[str]:
                           mfum=r.get("mfu_measured_pct"), mem=r.get("peak_mem_gb"), note=note))
     return [f"train ({t.get('model')}, B{t.get('batch')} T{t.get('seq')}):",
             common.format_table(table, (("peer", "peer"), ("tok", "tokens/s"), ("mfu", "MFU % sheet"),
-                                        ("mfum", "MFU % meas."), ("mem", "peak GB"), ("note", "")))]
+                                        ("mfum", "MFU % meas."), ("mem", "peak GB"), ("note", "")),
+                                percent_keys=("mfu", "mfum"))]
 
 
 def summary_text(merged: dict) -> str:

@@ -141,10 +141,11 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
     cpu_quick = quick and device.type == "cpu"
     spec = args.model or (TINY if cpu_quick else "gpt2")
     cfg = _config(spec)
-    batch = args.batch or (2 if cpu_quick else 16)
-    seq = args.seq or (64 if cpu_quick else 1024)
-    steps = args.steps or (3 if quick else 10)
-    warmup = args.warmup or (1 if quick else 3)
+    pick = lambda given, default: default if given is None else given  # noqa: E731  (0 is an error, not "default")
+    batch = pick(args.batch, 2 if cpu_quick else 16)
+    seq = pick(args.seq, 64 if cpu_quick else 1024)
+    steps = pick(args.steps, 3 if quick else 10)
+    warmup = pick(args.warmup, 1 if quick else 3)
     if min(batch, seq, steps, warmup) < 1 or seq > cfg.block_size:
         raise ValueError(f"need --batch, --steps, --warmup >= 1 and 1 <= --seq <= {cfg.block_size}; "
                          f"got batch {batch}, seq {seq}, steps {steps}, warmup {warmup}")
