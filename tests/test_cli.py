@@ -167,3 +167,40 @@ def test_eval_errors_before_loading(flags, expect, tmp_path, capsys):
     assert main(["eval", "--model", str(tmp_path / "not-there")] + base + flags) == 2
     err = _one_error_line(capsys, "eval")
     assert expect in err and "not-there" not in err, err
+
+
+def test_broken_model_files_are_one_line_naming_the_file(tmp_path, capsys):
+    torch.manual_seed(0)
+    from gpt2_fast.hf import save_pretrained
+    save_pretrained(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)), str(tmp_path / "hf"),
+                    tokenizer=False)
+    st = tmp_path / "hf" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:300])
+    (tmp_path / "zero.pt").write_bytes(b"")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text('{"model": "gpt2"}')
+    for model, expect in ((tmp_path / "hf", "model.safetensors: corrupt, truncated"),
+                          (tmp_path / "zero.pt", "zero.pt is corrupt or incomplete"),
+                          (tmp_path / "run", "holds no checkpoints")):
+        for cmd in (["generate", "--prompt", "x"], ["eval", "--ppl", str(st)]):
+            assert main([cmd[0], "--model", str(model)] + cmd[1:]) == 2
+            assert expect in _one_error_line(capsys, cmd[0])
+
+
+def test_prepare_out_is_a_file_and_bad_input(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "a.txt").write_text("hello world")
+    assert main(["prepare", str(tmp_path / "a.txt"), "--out", str(tmp_path / "f"), "--no-progress"]) == 2
+    assert "exists and is not a folder" in _one_error_line(capsys, "prepare")
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)))
+    assert main(["prepare", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "bin.txt: not UTF-8 text" in _one_error_line(capsys, "prepare")
+
+
+def test_info_says_loudly_when_the_extension_is_missing(monkeypatch, capsys):
+    from gpt2_fast import extension
+    monkeypatch.setattr(extension, "unavailable_reason", lambda device_type: "gpt2_fast._C is not built")
+    from gpt2_fast.info import extension_lines
+    out = "\n".join(extension_lines())  # what `gpt2-fast info` prints after the device line
+    assert "WARNING: the compiled extension gpt2_fast._C is NOT available" in out and "GPT2_FAST_JIT=1" in out
+    assert "reason: gpt2_fast._C is not built" in out and "JIT sources: " in out
