@@ -13,6 +13,8 @@ read of x (+ bias, cached) and one write of y over 2D tiles (BLOCK_M rows x BLOC
 The backward recomputes u from x and bias instead of saving it, writes dx, and for dbias runs a
 persistent grid over row tiles: each program keeps fp32 column partials in registers and stores
 them once into a (programs, N) buffer summed with torch afterwards (deterministic, no atomics).
+Dtypes: bias may differ from x (fp32 next to a 16-bit c_fc output under autocast): it is added in
+fp32; y and dx are in x's dtype, dbias in bias's. Autocast itself changes nothing here.
 """
 from typing import Optional
 

@@ -21,9 +21,10 @@ so the backward only scales the saved gradients by dloss (Liger's fused_linear_c
 does the same). The matmuls run in reference.matmul_dtype(hidden, weight), the autocast dtype
 under autocast (hidden and weight cast to it, the weight once per call); grad_W is accumulated
 in fp32 without rounding each chunk's product to 16 bits (on CUDA cuBLAS writes the fp32 product
-of the 16-bit operands, torch.mm(out_dtype=float32); elsewhere the operands are widened first). Rows of W at or past vocab_size (a padded vocabulary) get zero gradient. Peak
-extra memory is one logits chunk plus the fp32 grad_W accumulator, instead of the (N, V) logits,
-their fp32 copy and their gradient.
+of the 16-bit operands, torch.mm(out_dtype=float32); elsewhere the operands are widened first).
+Rows of W at or past vocab_size (a padded vocabulary) get zero gradient. Peak extra memory is
+one logits chunk plus the fp32 grad_W accumulator, instead of the (N, V) logits, their fp32 copy
+and their gradient.
 """
 from typing import Optional
 
