@@ -164,6 +164,14 @@ def test_bad_input_is_a_clear_error(argv, expect, capsys):
     assert expect in capsys.readouterr().err
 
 
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    assert main(["bench", "train", "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2-fast bench: error: --out ") and "not a folder" in err and err.count("\n") == 1
+    assert (tmp_path / "f").read_text() == "mine"
+
+
 def test_common_helpers():
     assert common.quantile([3.0, 1.0, 2.0], 0.5) == 2.0
     assert common.quantile([1.0, 2.0], 0.9) == pytest.approx(1.9)

@@ -9,6 +9,7 @@ the real shapes and shortens the timing.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import common
@@ -48,6 +49,8 @@ def run(args) -> int:
     if args.quick is None:
         args.quick = device.type == "cpu"
     out_dir = None if args.no_write else (args.out or common.default_out_dir())
+    if out_dir and os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--out {out_dir} exists and is not a folder; expected a folder for the results")
     module = importlib.import_module(COMMANDS[args.bench_command][0])
     module.run(args, device, out_dir)
     return 0
