@@ -22,7 +22,14 @@ launch) and converted by one small kernel. Causal: query blocks straddling the d
 masked loop, those entirely below it the unmasked one; blocks above it are skipped. A key block
 with a tail past Tk (non-causal) runs masked too, so padded keys get P = 0 and add nothing to dQ.
 Dropout regenerates the forward's Philox keep mask from the same seed and offsets (see
-flash_attention.py). Registers (sm_90, D=64, bf16): see kernels/flash_attention_sm90.py.
+flash_attention.py).
+
+Registers on sm_90 at D = 64, bf16 (ptxas via flash_attention_sm90.py, triton 3.9 / 3.6; a proxy,
+not a timing): (BLOCK_M, BLOCK_N, warps) (64, 128, 8): 231-240 / 234-239; (32, 128, 8): 192-202 /
+186-188; (32, 64, 4): 194 / 164; no spills, so one 8-warp CTA per SM. Two (<= 128 registers) is
+not reached: at BLOCK_N = 128 the dK, dV accumulators alone hold 64 fp32 registers a thread,
+and a maxnreg=128 cap spills (228 B at (32, 128, 8), 1 KB at (64, 128, 8)). The dQ atomics are
+vectorized (red.global.add.v4.f32) because the buffer's row stride is the constexpr Dp.
 """
 from typing import Optional
 

@@ -18,6 +18,18 @@ so the QK^T wgmma of block j+1 runs on the tensor cores while the CUDA cores com
 of block j; the cost is one more (BLOCK_M, BLOCK_N) fp32 tile live in registers. Plain Triton
 (3.6+) constructs only: no warp specialisation, no TMA descriptors. Selected with
 choices.choice("attention_fwd_kernel") == "pipelined" (GPT2_FAST_ATTN_FWD_KERNEL).
+
+How the overlap comes about (Triton's sm_90 wgmma pipeliner, checked in the TTGIR of triton 3.6
+and 3.9): a dot whose result is only carried to the next iteration is left in flight ("properly
+async") when every use of the carried value follows the loop's first wait{pendings=0}. The
+P V dot comes first in the body, is synchronous (its accumulator is rescaled by alpha) and
+supplies that wait; the Q K^T dot after it then stays in flight while the exp2s of the softmax
+run, and is waited for by the next iteration's P V wait. Hence the rotation below, with P kept
+in fp32 across iterations (in bf16 Triton stages it through shared memory). Only the unmasked key
+blocks are rotated; the one or two masked ones at the causal diagonal / Tk tail run in order.
+Registers at D = 64, bf16, (128, 64, 8 warps): 210-212 (triton 3.9) / 177 (3.6) against v1's 111:
+one 8-warp CTA per SM instead of two, so v1 already overlaps softmax and matmuls across CTAs;
+which is faster is for a GPU to decide (the default stays v1).
 """
 import triton
 import triton.language as tl

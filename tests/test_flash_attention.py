@@ -294,6 +294,16 @@ def test_bwd_variants_dropout(fa, device, monkeypatch, variant):
     test_dropout_forward_backward_use_one_mask(fa, device, True)
 
 
+@pytest.mark.parametrize("causal,Tq,Tk", [(True, 9, 4), (True, 4, 9), (False, 3, 200)])
+def test_fwd_pipelined_equals_v1(fa, device, causal, Tq, Tk):
+    # queries without keys (o = 0, lse = -inf), Tq < Tk, one query over many key blocks
+    q, k, v = (t.detach() for t in _qkv(1, 2, Tq, Tk, 32, torch.float32, device))
+    o1, l1 = fa.attention_fwd(q, k, v, causal, 0.0, 0.2, None, kernel="v1")
+    o2, l2 = fa.attention_fwd(q, k, v, causal, 0.0, 0.2, None, kernel="pipelined")
+    torch.testing.assert_close(o2, o1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(l2, l1, rtol=1e-6, atol=1e-6)
+
+
 def test_fwd_pipelined_dropout_same_mask(fa, device):
     q, k, v = (t.detach() for t in _qkv(1, 1, 70, 70, 32, torch.float32, device))
     seed = torch.tensor([123], dtype=torch.int64, device=device)
