@@ -281,8 +281,9 @@ def test_gpt_train_step_under_autocast(device, backend, fused):
         _step_close(n, params[n], params_hi[n], p0[n], grads_hi[n], bound)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_loss", "logits_loss"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_patch_hf_training_under_autocast(backend):
+def test_patch_hf_training_under_autocast(backend, fused):
     transformers = pytest.importorskip("transformers")
     from gpt2_fast import patch_hf
     if backend != "torch":
@@ -291,7 +292,7 @@ def test_patch_hf_training_under_autocast(backend):
     cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=64, vocab_size=97, n_positions=64,
                                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     ref = transformers.GPT2LMHeadModel(cfg).train()                 # HF's default attention (sdpa)
-    fast = patch_hf(copy.deepcopy(ref), backend=backend, skip_logits=True)  # the fused LM-head loss
+    fast = patch_hf(copy.deepcopy(ref), backend=backend, skip_logits=fused)  # True: fused LM-head loss
     idx = torch.randint(0, 97, (B, T))
     labels = idx.clone()
     labels[0, :5] = -100
@@ -303,7 +304,9 @@ def test_patch_hf_training_under_autocast(backend):
         out.loss.backward()
         results[name] = (out, {n: p.grad for n, p in model.named_parameters()})
     (out_fast, g_fast), (out_lo, g_lo), (out_hi, g_hi) = results["fast"], results["lo"], results["hi"]
-    assert out_fast.logits is None, "training with labels takes the fused LM-head loss"
+    assert (out_fast.logits is None) == fused, "skip_logits=True: the fused LM-head loss, no logits"
+    if not fused:
+        _close_to_ref("logits", out_fast.logits, out_hi.logits, out_lo.logits, ATOL[torch.bfloat16])
     _close_to_ref("loss", out_fast.loss, out_hi.loss, out_lo.loss, LOSS_ATOL * out_hi.loss.abs().item())
     for n in g_hi:
         _close_to_ref(f"grad {n}", g_fast[n], g_hi[n], g_lo[n], ATOL[F32])
