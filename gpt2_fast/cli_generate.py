@@ -139,6 +139,13 @@ def check_sampling(args) -> None:
         raise ValueError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    from .load import resolve
+    for flag, path in (("--model", args.model), ("--draft-model", args.draft_model)):
+        if path is not None:
+            try:
+                resolve(path)  # cheap: the path exists and is something load_model reads
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"{flag}: {e}") from None
     if args.draft_config is not None:
         from .config import PRESETS
         if args.draft_config not in PRESETS:
@@ -169,8 +176,8 @@ def fit_new_tokens(args, model) -> int:
 def run(args) -> int:
     from .engine import get_engine
     from .generate import stream
-    check_sampling(args)
     check_model_arguments(args)
+    check_sampling(args)  # last: it also checks that --model / --draft-model exist
     model = load_model(args)
     args.max_new_tokens = fit_new_tokens(args, model)
     if args.int8:

@@ -139,7 +139,7 @@ def read_meta(folder: str) -> Optional[dict]:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e}); re-run `gpt2-fast prepare`") from None
+        raise ValueError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("shards"), dict):
         raise ValueError(f"{path}: expected gpt2-fast prepare's meta.json with a 'shards' entry")
     return meta
@@ -435,7 +435,11 @@ def prepare(inputs: Sequence[str], out_dir: str, name: Optional[str] = None, val
 
 def _previous_corpus(out_dir: str, name: str, replace: bool) -> list[str]:
     """Files of an earlier preparation in out_dir that the new one replaces; refuses to mix."""
-    meta = read_meta(out_dir)
+    try:
+        meta = read_meta(out_dir)
+    except ValueError as e:
+        raise FileExistsError(f"{e}; prepare cannot tell which corpus {out_dir} holds: move that meta.json "
+                              f"away or prepare into another --out folder") from None
     ours = re.compile(rf"^{re.escape(name)}_(train|val)_\d{{6}}\.bin$")
     if meta is None:
         foreign = sorted(f for f in os.listdir(out_dir) if _SHARD_RE.match(f) and not ours.match(f))

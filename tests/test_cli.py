@@ -204,3 +204,8 @@ def test_info_says_loudly_when_the_extension_is_missing(monkeypatch, capsys):
     out = "\n".join(extension_lines())  # what `gpt2-fast info` prints after the device line
     assert "WARNING: the compiled extension gpt2_fast._C is NOT available" in out and "GPT2_FAST_JIT=1" in out
     assert "reason: gpt2_fast._C is not built" in out and "JIT sources: " in out
+
+
+def test_generate_missing_draft_model_is_named_before_loading(tmp_path, capsys):
+    assert main(["generate", "--config", "gpt2", "--draft-model", str(tmp_path / "nope")]) == 2
+    assert "--draft-model: model" in _one_error_line(capsys, "generate")

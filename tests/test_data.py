@@ -356,3 +356,14 @@ def test_prepare_memory_is_bounded_by_the_chunk_not_the_file(tmp_path, monkeypat
         assert meta["documents"] == n_lines
     size = os.path.getsize(tmp_path / "in800.jsonl")
     assert peaks[800] < 1.25 * peaks[200] and peaks[800] < size, (peaks, size)
+
+
+def test_unreadable_meta_json_is_never_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "meta.json").write_text("{broken")
+    with pytest.raises(FileExistsError, match="meta.json: unreadable.*move that meta.json away"):
+        D.prepare([str(_good_corpus(tmp_path))], str(out), progress=False)
+    assert (out / "meta.json").read_text() == "{broken"
+    with pytest.raises(ValueError, match="meta.json: unreadable"):
+        D.shard_paths(str(out), "train")

@@ -127,7 +127,11 @@ def test_detokenizers():
 
 
 def _nll_by_hand(model, ctx, cont):
-    return -sum(float(logprobs_next(model, ctx + cont[:j])[cont[j]]) for j in range(len(cont)))
+    """NLL of cont after ctx from one plain forward of ctx + cont (no batching, no padding)."""
+    with torch.no_grad():
+        logits, _ = model(torch.tensor([ctx + cont[:-1]]))
+    logp = F.log_softmax(logits[0].double(), dim=-1)
+    return -sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
 
 
 HELLASWAG = [  # llm.c's fields (plus some it ignores), hand-made
@@ -186,19 +190,21 @@ def test_lambada_last_word_after_any_whitespace():
         E.split_last_word("  alone\n")
 
 
-@pytest.mark.parametrize("norm", ["sum", "token", "byte"])
-def test_choice_normalisations(model, tmp_path, norm):
+def test_choice_normalisations(model, tmp_path):
     tok = get_tokenizer()
     rows = [{"context": "And God said", "choices": [" Let there be light", " banana", " the"], "label": 0},
             {"context": "In the", "choices": [" beginning", " end of all things"], "label": 1}]
     path = _write_jsonl(tmp_path / "c.jsonl", rows)
-    correct = 0
-    for r in rows:
-        c = tok.encode(r["context"])
-        size = {"sum": lambda s: 1, "token": lambda s: len(tok.encode(s)), "byte": lambda s: len(s.encode())}[norm]
-        scores = [_nll_by_hand(model, c, tok.encode(ch)) / size(ch) for ch in r["choices"]]
-        correct += min(range(len(scores)), key=scores.__getitem__) == r["label"]
-    assert E.choice(model, path, norm=norm) == {"acc": correct / 2, "n": 2, "norm": norm}
+    sizes = {"sum": lambda s: 1, "token": lambda s: len(tok.encode(s)), "byte": lambda s: len(s.encode())}
+    nll = [[_nll_by_hand(model, tok.encode(r["context"]), tok.encode(ch)) for ch in r["choices"]] for r in rows]
+    for norm, size in sizes.items():
+        correct = 0
+        for r, row_nll in zip(rows, nll):
+            scores = [n / size(ch) for n, ch in zip(row_nll, r["choices"])]
+            correct += min(range(len(scores)), key=scores.__getitem__) == r["label"]
+        assert E.choice(model, path, norm=norm) == {"acc": correct / 2, "n": 2, "norm": norm}
+    with pytest.raises(ValueError, match="norm must be one of"):
+        E.choice(model, path, norm="char")
 
 
 def test_val_loss_is_the_mean_over_every_val_token(model, tmp_path):
@@ -211,9 +217,9 @@ def test_val_loss_is_the_mean_over_every_val_token(model, tmp_path):
     write_shard(str(tmp_path / "x_train_000000.bin"), a.astype(np.uint16))
     ids = np.concatenate([a, b]).tolist()
     nll = []  # windows of 17 tokens every 16: positions 1..40 each once, context from their window start
-    for i in range(1, len(ids)):
-        start = (i - 1) // 16 * 16
-        nll.append(-float(logprobs_next(model, ids[start:i])[ids[i]]))
+    for start in range(0, 40, 16):
+        window = ids[start:start + 17]
+        nll.append(_nll_by_hand(model, window[:1], window[1:]))  # the window's total NLL
     got = E.val_loss(model, str(tmp_path), batch_size=2)
     assert got["tokens"] == 40 and got["shards"] == 2
     assert got["loss"] == pytest.approx(sum(nll) / 40, rel=1e-5)
