@@ -250,7 +250,7 @@ def _base_model(model: nn.Module, hf) -> nn.Module:
     return base
 
 
-def _patch_attention(model: nn.Module, base: nn.Module) -> bool:
+def _patch_attention(model: nn.Module) -> bool:
     """Switch to attention implementation "gpt2_fast" unless another one was chosen explicitly."""
     current = getattr(model.config, "_attn_implementation", None)
     if current not in (None,) + REPLACEABLE_ATTENTION:
@@ -305,7 +305,7 @@ def patch_hf(model: nn.Module, backend: str = "auto", layer_norm: bool = True, m
                 type(module) in _FAST_CLASSES.values():
             module._gpt2_fast_ops = kernels
     if attention:
-        _patch_attention(model, base)
+        _patch_attention(model)
     if loss and isinstance(model, hf.GPT2LMHeadModel):
         model._gpt2_fast_ops = kernels
         model._gpt2_fast_skip_logits = bool(skip_logits)
