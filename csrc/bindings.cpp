@@ -18,6 +18,11 @@ TORCH_LIBRARY(gpt2_fast, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
   m.def("decode_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_len, Tensor? kv_start,"
         " float scale) -> Tensor");
+  m.def("cpu_linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int isa=-1) -> Tensor");
+  m.def("cpu_isa(int isa=-1) -> str", &gpt2_fast::cpu_isa);  // no tensors: a catch-all kernel
+  m.def("cpu_gpt2_forward(Tensor idx, int start, Tensor? kv_start, Tensor[] globals, Tensor[] layers,"
+        " Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int n_head, int n_vocab, float eps, bool all_logits=False,"
+        " int isa=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt2_fast, CPU, m) {
@@ -28,6 +33,8 @@ TORCH_LIBRARY_IMPL(gpt2_fast, CPU, m) {
   m.impl("bias_gelu_bwd", &gpt2_fast::bias_gelu_bwd_cpu);
   m.impl("attention_fwd", &gpt2_fast::attention_fwd_cpu);
   m.impl("decode_attention_fwd", &gpt2_fast::decode_attention_fwd_cpu);
+  m.impl("cpu_linear", &gpt2_fast::cpu_linear);
+  m.impl("cpu_gpt2_forward", &gpt2_fast::cpu_gpt2_forward);
 }
 
 #ifdef GPT2_FAST_WITH_CUDA

@@ -170,6 +170,11 @@ def relayout_for_cpu_decode(model) -> int:
                     and w.dim() == 2 and w.device.type == "cpu" and w.is_contiguous() and w.shape[1] > 1:
                 w.data = w.data.t().contiguous().t()
                 changed += 1
+        if not getattr(model, "_gpt2_fast_owned", False):  # the rest off the checkpoint's file mapping,
+            for t in itertools.chain(model.parameters(), model.buffers()):  # so it is not resident twice
+                if t.device.type == "cpu" and t.is_contiguous():
+                    t.data = t.data.clone()
+            model._gpt2_fast_owned = True
     return changed
 
 
@@ -207,6 +212,7 @@ class Engine:
         # in _prepare, like the runner of a CUDA step (decode_runner: "graph" | "compile")
         from .choices import choice
         self._requested_step, self.step_kind, self._fused = decode_step, None, None
+        self._cpu = None  # gpt2_fast.cpu_decode.CpuDecoder: on CPU the whole forward is one C++ call
         self.decode_runner = choice("decode_runner")
 
     # -- buffers, cache and graph bookkeeping -------------------------------------------------
@@ -220,13 +226,18 @@ class Engine:
         if needed > cache_len:
             raise ValueError(f"KV cache overflow: this generation needs {needed} cache slots (prompt + "
                              f"max_new_tokens - 1) but the engine's cache holds max_seq_len={cache_len}")
-        dtype = m.transformer.wte.weight.dtype
+        from .choices import choice
+        from .cpu_decode import cpu_decoder_for, unsupported_reason
+        cpu_step = self.device.type == "cpu" and (self._requested_step or choice("decode_step")) != "fused" \
+            and unsupported_reason(m) is None  # CPU: the whole forward in one C++ call (cpu_decode.py)
+        dtype = torch.float32 if cpu_step else m.transformer.wte.weight.dtype  # the C++ step's cache: fp32
         cache = getattr(m.transformer.h[0].attn, "kv_cache", None)
         ok = (cache is not None and m.max_batch_size >= bucket and m.max_seq_len >= cache_len and
               cache.k_cache.dtype == dtype and cache.k_cache.device == self.device)
         with torch.inference_mode(False):  # normal tensors: the model stays usable outside inference mode
             if self.cpu_layout and self.device.type == "cpu":
                 relayout_for_cpu_decode(m)
+            self._cpu = cpu_decoder_for(m, self._cpu) if cpu_step else None
             if not ok:
                 m.setup_cache(max(bucket, m.max_batch_size), max(cache_len, m.max_seq_len), dtype=dtype)
             identity = (tuple(t.data_ptr() for t in itertools.chain(m.parameters(), m.buffers())),
@@ -250,7 +261,10 @@ class Engine:
             return self._fused(buf, mode)
         pos = buf.pos                                                        # (1,)
         tok = buf.seq.index_select(1, pos)                                   # (Bb, 1)
-        logits = self.model.forward_cached(tok, pos, buf.kv_start, live=live)[:, -1]  # (Bb, V)
+        if self._cpu is not None:  # live is the host-known slot count on CPU: the input sits at live - 1
+            logits = self._cpu.forward(tok, live - 1, buf.kv_start)          # (Bb, V)
+        else:
+            logits = self.model.forward_cached(tok, pos, buf.kv_start, live=live)[:, -1]  # (Bb, V)
         nxt = sample_on_device(logits, mode, buf.temperature, buf.top_p, buf.seed, pos)
         nxt = torch.where(buf.done, torch.full_like(nxt, EOT_TOKEN), nxt)   # finished rows keep EOT
         buf.seq.index_copy_(1, pos + 1, nxt[:, None])
@@ -307,6 +321,9 @@ class Engine:
         from .generate import left_pad
         T = max(len(p) for p in prompt_ids)
         idx, kv_start = left_pad(prompt_ids, self.device)
+        if self._cpu is not None:
+            kv_start = None if all(len(p) == T for p in prompt_ids) else kv_start
+            return self._cpu.forward(idx, 0, kv_start), idx, kv_start, T
         input_pos = torch.arange(T, device=self.device)
         if all(len(p) == T for p in prompt_ids):
             logits = self.model.forward_cached(idx, input_pos, None, fresh=True)

@@ -6,9 +6,12 @@
 At batch-1 decode every weight is read once per token and nothing else is: int8 halves the bytes
 of bf16 (quarters fp32), so a GEMV that dequantizes in registers runs up to 2x faster. That is
 the Triton kernel below (one program per BLOCK_N outputs x one row of x, fp32 accumulation, the
-scale and bias applied once at the end). Larger row counts (prefill) and CPU tensors dequantize
-to a float weight and call F.linear, which is exact but not faster: on CPU int8 saves memory, not
-time (torch's CPU int8 GEMV measured slower here than the fp32 one).
+scale and bias applied once at the end). On CPU the compiled op torch.ops.gpt2_fast.cpu_linear
+(csrc/cpu/gemv.cpp: AVX-512 / AVX2 / portable GEMV that converts int8 to fp32 in registers, up to
+8 rows; ATen GEMM on a dequantized copy beyond) reads the int8 weight in place, in the (N, K)
+layout quantize_weight produces (the layout the kernel streams: one sequential run per thread),
+and the fused CPU decode step (gpt2_fast/cpu_decode.py) uses the same buffers. Elsewhere (no
+extension, or kernel="torch") larger row counts dequantize to a float weight and call F.linear.
 
 `quantize_int8(model)` swaps every block's four projections (and, by default, an untied int8
 copy of the LM head; the embedding stays float) for Int8Linear in place. The quantized model
@@ -28,7 +31,7 @@ from torch import Tensor
 from . import poison
 from .choices import choice
 
-KERNELS = ("auto", "triton", "torch")
+KERNELS = ("auto", "triton", "torch", "cpp")
 TRITON_MAX_ROWS = 16  # up to this many rows of x the fused GEMV kernel runs (decode, verify)
 
 
@@ -59,7 +62,7 @@ class Int8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
         self.int8_matmul = choice("int8_matmul")  # CUDA decode: "gemv" (fused) | "dequant" (+ cuBLAS)
-        self.kernel = "auto"  # "triton" forces the fused kernel, "torch" the dequantize path
+        self.kernel = "auto"  # "triton" / "cpp" force the fused kernel of GPU / CPU, "torch" dequantizes
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 8) -> "Int8Linear":
@@ -98,6 +101,13 @@ class Int8Linear(nn.Module):
         side = getattr(self, "int8_matmul", "gemv")  # choices.py int8_matmul, set at construction
         return x.is_cuda and rows <= TRITON_MAX_ROWS and side == "gemv" and _triton_kernel() is not None
 
+    def _use_cpp(self, x: Tensor) -> bool:
+        if self.kernel == "cpp":
+            if _cpu_linear_op() is None or not x.is_cpu:
+                raise RuntimeError("Int8Linear.kernel='cpp' needs CPU tensors and the compiled extension")
+            return True
+        return self.kernel == "auto" and x.is_cpu and _cpu_linear_op() is not None
+
     def _linear(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8Linear expected inputs with last dim {self.in_features}, "
@@ -105,6 +115,9 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self._use_triton(x2, x2.shape[0]):
             y = int8_linear_fwd(x2, self.weight_int8, self.scale, bias)
+        elif self._use_cpp(x2):
+            b = bias.float().contiguous() if bias is not None else None
+            y = _cpu_linear_op()(x2.float().contiguous(), self.weight_int8, self.scale, b, -1).to(x.dtype)
         else:
             y = F.linear(x2, self.weight_int8.to(x.dtype)) * self.scale.to(x.dtype)
             if bias is not None:
@@ -117,6 +130,15 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._linear(x, self.bias)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_linear_op():
+    """torch.ops.gpt2_fast.cpu_linear where the compiled extension has it, else None."""
+    from . import extension
+    if extension.unavailable_reason("cpu") is not None:
+        return None
+    return getattr(torch.ops.gpt2_fast, "cpu_linear", None)
 
 
 def quantize_int8(model, lm_head: bool = True, bits: int = 8):

@@ -224,3 +224,52 @@ def test_int8_engine_on_cuda_graph_equals_eager():
     a = list(Engine(model, cuda_graph=True).generate_ids(prompts, 10, temperature=0, stop_at_eot=False))
     b = list(Engine(model, cuda_graph=False).generate_ids(prompts, 10, temperature=0, stop_at_eot=False))
     assert torch.equal(torch.stack(a), torch.stack(b))
+
+
+# -- the same bound through the fused C++ CPU step (gpt2_fast/cpu_decode.py), token by token -----
+
+def _has_cpu_step():
+    try:
+        from gpt2_fast import extension
+        return extension.unavailable_reason("cpu") is None and hasattr(torch.ops.gpt2_fast, "cpu_gpt2_forward")
+    except ImportError:
+        return False
+
+
+def stepwise_perplexity(model, ids, block, rows=8):
+    """Perplexity from decode steps of the fused CPU forward (8 rows a step: the GEMV kernels and
+    the KV cache, as generation runs them)."""
+    from gpt2_fast.cpu_decode import CpuDecoder
+    n = (len(ids) - 1) // block * block
+    x = torch.tensor(ids[:n]).view(-1, block)
+    y = torch.tensor(ids[1:n + 1]).view(-1, block)
+    model.setup_cache(rows, block, dtype=torch.float32)
+    dec = CpuDecoder(model)
+    losses = []
+    for xb, yb in zip(x.split(rows), y.split(rows)):
+        for t in range(block):
+            logits = dec.forward(xb[:, t:t + 1].contiguous(), t)
+            losses.append(F.cross_entropy(logits, yb[:, t], reduction="none"))
+    model.clear_cache()
+    return math.exp(torch.cat(losses).mean().item())
+
+
+@pytest.mark.skipif(not _has_cpu_step(), reason="the compiled extension with cpu_gpt2_forward is not built")
+def test_cpu_step_perplexity_of_int8_and_bf16_within_1_percent(trained_on_kjv):
+    model, held_out, vocab = trained_on_kjv
+    held_out = held_out[:32 * 32 + 1]  # 32 rows: one batch of perplexity(), 4 of 8 rows here
+    base = perplexity(model, held_out, 32)
+    f32 = stepwise_perplexity(_float_copy(model), held_out, 32)
+    assert abs(f32 / base - 1) < 1e-4, f"fused fp32 perplexity {f32:.4f} vs the model's {base:.4f}"
+    bf16 = stepwise_perplexity(_float_copy(model).to(torch.bfloat16), held_out, 32)
+    assert abs(bf16 / base - 1) < 0.01, f"bf16 perplexity {bf16:.3f} vs float {base:.3f}"
+    int8 = stepwise_perplexity(_quantized_copy(model, bits=8), held_out, 32)
+    assert abs(int8 / base - 1) < 0.01, f"int8 perplexity {int8:.3f} vs float {base:.3f}"
+    int2 = stepwise_perplexity(_quantized_copy(model, bits=2), held_out, 32)  # the control
+    assert abs(int2 / base - 1) > 0.01, f"2-bit perplexity {int2:.3f} vs float {base:.3f}"
+
+
+def _float_copy(model):
+    copy = GPT(model.config).eval()
+    copy.load_state_dict(model.state_dict())
+    return copy

@@ -1,0 +1,413 @@
+"""CPU decode: gpt2_fast (fp32 / bf16 / int8) beside ONNX Runtime and CTranslate2, same run.
+
+    .venv/bin/python bench/cpu_decode_peers.py [--config gpt2] [--prompt-len 32] [--new-tokens 128]
+        [--reps 5] [--threads 1,2] [--engines ours_fp32,ours_bf16,ours_int8,ort_fp32,ort_int8,ct2_fp32,ct2_int8]
+        [--out bench/results/cpu-decode-peers.json]
+
+One set of random gpt2 weights (seed 0) is saved with save_pretrained; every engine loads it from
+that folder: ours with GPT.from_pretrained; ONNX Runtime from a decoder with past key values that
+this script exports with torch.onnx from those weights (plain GPT-2 math, past as two (L, B, H, P, D)
+inputs; int8 = onnxruntime.quantization.quantize_dynamic, i.e. W8A8); CTranslate2 through its
+transformers converter (float32 and int8). Each engine runs in its own worker process (so its
+resident set is its own), loaded once per thread count; a repetition runs every engine once, in
+a rotated order (interleaved, so background load hits all alike). Batch 1, greedy, a fixed
+random prompt; per run: time to first token (prefill + first token), ms/token over the rest,
+the tokens (agreement = positions equal to ours fp32's). RSS: VmRSS of the worker after its
+runs, and the same minus the worker's RSS after imports (what the model and its runtime add).
+Floor: the bytes a decode step must read (every weight but the embeddings; the tied LM head
+counts once) / the copy bandwidth measured in this run (read + write bytes / time), reported
+next to the results with the machine and its load (`uptime`) before and after.
+CPU timings on a shared machine are noisy: compare ratios within a run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+ENGINES = ("ours_fp32", "ours_bf16", "ours_int8", "ort_fp32", "ort_int8", "ct2_fp32", "ct2_int8")
+
+
+# ---------------------------------------------------------------------------------------------
+# workers: one engine each, driven over stdin/stdout (one JSON line per request)
+# ---------------------------------------------------------------------------------------------
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def load_ours(model_dir: str, kind: str, threads: int):
+    import torch
+    from gpt2_fast import GPT
+    from gpt2_fast.engine import Engine
+    torch.set_num_threads(threads)
+    model = GPT.from_pretrained(model_dir).eval()
+    if kind == "bf16":
+        model = model.to(torch.bfloat16)
+    elif kind == "int8":
+        from gpt2_fast.quant import quantize_int8
+        quantize_int8(model)
+    engine = Engine(model, cpu_layout=True)
+
+    def run(prompt, n):
+        timings: dict = {}
+        toks = [int(t[0]) for t in engine.generate_ids([prompt], n, temperature=0, stop_at_eot=False,
+                                                       timings=timings)]
+        return toks, timings["ttft_s"], timings["decode_s"]
+    return run
+
+
+def load_ort(onnx_path: str, threads: int, cfg: dict):
+    import numpy as np
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    L, H, D = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
+
+    def run(prompt, n):
+        past_k = past_v = np.zeros((L, 1, H, 0, D), dtype=np.float32)
+        ids = np.array([prompt], dtype=np.int64)
+        toks = []
+        t0 = time.perf_counter()
+        for i in range(n):
+            logits, past_k, past_v = sess.run(None, {"input_ids": ids, "past_k": past_k, "past_v": past_v})
+            tok = int(logits[0].argmax())
+            toks.append(tok)
+            ids = np.array([[tok]], dtype=np.int64)
+            if i == 0:
+                t1 = time.perf_counter()
+        return toks, t1 - t0, time.perf_counter() - t1
+    return run
+
+
+def load_ct2(ct2_dir: str, threads: int):
+    import ctranslate2
+    gen = ctranslate2.Generator(ct2_dir, device="cpu", intra_threads=threads, inter_threads=1)
+    vocab = None
+    with open(os.path.join(ct2_dir, "vocabulary.json")) as f:
+        vocab = json.load(f)
+
+    def run(prompt, n):
+        toks = []
+        t0 = time.perf_counter()
+        for i, step in enumerate(gen.generate_tokens([vocab[t] for t in prompt], max_length=n, sampling_topk=1,
+                                                     end_token=[])):
+            toks.append(step.token_id)
+            if i == 0:
+                t1 = time.perf_counter()
+            if len(toks) == n:
+                break
+        return toks, t1 - t0, time.perf_counter() - t1
+    return run
+
+
+def worker(args) -> int:
+    base_rss = rss_mb()
+    threads = args.threads
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    eng, kind = args.worker.split("_")
+    if eng == "ours":
+        base_rss = _after_import("torch", "gpt2_fast")
+        run = load_ours(args.model_dir, kind, threads)
+    elif eng == "ort":
+        base_rss = _after_import("onnxruntime", "numpy")
+        run = load_ort(os.path.join(args.work, f"gpt2-{kind}.onnx"), threads, json.loads(args.cfg))
+    else:
+        base_rss = _after_import("ctranslate2")
+        run = load_ct2(os.path.join(args.work, f"ct2-{kind}"), threads)
+    prompt = json.loads(args.prompt)
+    run(prompt, 4)  # warm-up
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        toks, ttft, decode = run(prompt, args.new_tokens)
+        print(json.dumps({"tokens": toks, "ttft_ms": ttft * 1e3, "ms_per_token": decode / (len(toks) - 1) * 1e3,
+                          "rss_mb": rss_mb(), "base_rss_mb": base_rss}), flush=True)
+    return 0
+
+
+def _after_import(*mods) -> float:
+    import importlib
+    for m in mods:
+        importlib.import_module(m)
+    return rss_mb()
+
+
+# ---------------------------------------------------------------------------------------------
+# preparing the peers' model files from the save_pretrained folder
+# ---------------------------------------------------------------------------------------------
+
+def export_onnx(model_dir: str, path: str) -> None:
+    """A GPT-2 decoder with past key values: (input_ids (1, T), past_k, past_v (L, 1, H, P, D)) ->
+    (last-position logits (1, V), present_k, present_v (L, 1, H, P + T, D)), from the HF weights."""
+    import torch
+    import torch.nn.functional as F
+    from gpt2_fast.hf import read_hf_state_dict
+    sd = {k.removeprefix("transformer."): v.float() for k, v in read_hf_state_dict(model_dir).items()}
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    L, H, C = cfg["n_layer"], cfg["n_head"], cfg["n_embd"]
+    eps = cfg.get("layer_norm_epsilon", 1e-5)
+
+    class KVDecoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = torch.nn.ParameterDict({k.replace(".", "__"): torch.nn.Parameter(v, requires_grad=False)
+                                             for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))})
+
+        def w(self, name):
+            return self.p[name.replace(".", "__")]
+
+        def forward(self, input_ids, past_k, past_v):
+            T, P = input_ids.shape[1], past_k.shape[3]
+            pos = torch.arange(T) + P
+            x = self.w("wte.weight")[input_ids] + self.w("wpe.weight")[pos][None]
+            keep = torch.arange(P + T)[None, :] <= pos[:, None]                  # (T, P + T) causal
+            ks, vs = [], []
+            for i in range(L):
+                pre = f"h.{i}."
+                h = F.layer_norm(x, (C,), self.w(pre + "ln_1.weight"), self.w(pre + "ln_1.bias"), eps)
+                qkv = h @ self.w(pre + "attn.c_attn.weight") + self.w(pre + "attn.c_attn.bias")  # Conv1D
+                q, k, v = (t.view(1, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=2))
+                k = torch.cat([past_k[i], k], dim=2)
+                v = torch.cat([past_v[i], v], dim=2)
+                ks.append(k)
+                vs.append(v)
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+                a = a.transpose(1, 2).reshape(1, T, C)
+                x = x + a @ self.w(pre + "attn.c_proj.weight") + self.w(pre + "attn.c_proj.bias")
+                h = F.layer_norm(x, (C,), self.w(pre + "ln_2.weight"), self.w(pre + "ln_2.bias"), eps)
+                h = F.gelu(h @ self.w(pre + "mlp.c_fc.weight") + self.w(pre + "mlp.c_fc.bias"), approximate="tanh")
+                x = x + h @ self.w(pre + "mlp.c_proj.weight") + self.w(pre + "mlp.c_proj.bias")
+            x = F.layer_norm(x[:, -1], (C,), self.w("ln_f.weight"), self.w("ln_f.bias"), eps)
+            return x @ self.w("wte.weight").t(), torch.stack(ks), torch.stack(vs)
+
+    m = KVDecoder().eval()
+    D = C // H
+    ex = (torch.zeros(1, 3, dtype=torch.long), torch.zeros(L, 1, H, 2, D), torch.zeros(L, 1, H, 2, D))
+    axes = {"input_ids": {1: "T"}, "past_k": {3: "P"}, "past_v": {3: "P"}, "present_k": {3: "PT"},
+            "present_v": {3: "PT"}}
+    with torch.no_grad():
+        torch.onnx.export(m, ex, path, input_names=["input_ids", "past_k", "past_v"],
+                          output_names=["logits", "present_k", "present_v"], dynamic_axes=axes,
+                          opset_version=17, dynamo=False)
+
+
+def prepare_peers(engines, model_dir: str, work: str) -> dict:
+    """Build the peers' files; returns {engine: reason} for those that cannot run here."""
+    skipped = {}
+    if any(e.startswith("ort") for e in engines):
+        try:
+            import onnxruntime  # noqa: F401
+            export_onnx(model_dir, os.path.join(work, "gpt2-fp32.onnx"))
+            if "ort_int8" in engines:
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+                quantize_dynamic(os.path.join(work, "gpt2-fp32.onnx"), os.path.join(work, "gpt2-int8.onnx"),
+                                 weight_type=QuantType.QInt8)
+        except Exception as e:  # not installed, or the export failed: report, keep going
+            for k in ("ort_fp32", "ort_int8"):
+                skipped[k] = f"{type(e).__name__}: {str(e)[:300]}"
+    for kind, q in (("fp32", "float32"), ("int8", "int8")):
+        if f"ct2_{kind}" not in engines:
+            continue
+        try:
+            from ctranslate2.converters import TransformersConverter
+            TransformersConverter(model_dir).convert(os.path.join(work, f"ct2-{kind}"), quantization=q, force=True)
+        except Exception as e:
+            skipped[f"ct2_{kind}"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return skipped
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver
+# ---------------------------------------------------------------------------------------------
+
+def start_worker(name, threads, args, work, model_dir, prompt, cfg):
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--threads", str(threads),
+           "--model-dir", model_dir, "--work", work, "--prompt", json.dumps(prompt), "--cfg", json.dumps(cfg),
+           "--new-tokens", str(args.new_tokens)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    line = p.stdout.readline()
+    if not line:
+        raise RuntimeError(f"worker {name} failed to start")
+    return p
+
+
+def ask(p) -> dict:
+    p.stdin.write("run\n")
+    p.stdin.flush()
+    line = p.stdout.readline()
+    if not line:
+        raise RuntimeError("worker died")
+    return json.loads(line)
+
+
+def measure(engines, threads, args, work, model_dir, prompt, cfg) -> dict:
+    procs = {}
+    for e in engines:
+        try:
+            procs[e] = start_worker(e, threads, args, work, model_dir, prompt, cfg)
+        except Exception as ex:
+            print(f"  {e}: {ex}", file=sys.stderr)
+    runs = {e: [] for e in procs}
+    for r in range(args.reps):
+        order = list(procs)[r % len(procs):] + list(procs)[:r % len(procs)]  # rotate who goes first
+        for e in order:
+            runs[e].append(ask(procs[e]))
+    for p in procs.values():
+        p.stdin.close()
+        p.wait(timeout=60)
+    return runs
+
+
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+def summarize(runs: dict, ref_tokens) -> dict:
+    out = {}
+    for e, rs in runs.items():
+        toks = rs[-1]["tokens"]
+        out[e] = dict(ms_per_token=median([r["ms_per_token"] for r in rs]),
+                      ms_per_token_all=[round(r["ms_per_token"], 2) for r in rs],
+                      ttft_ms=median([r["ttft_ms"] for r in rs]), rss_mb=rs[-1]["rss_mb"],
+                      rss_above_imports_mb=rs[-1]["rss_mb"] - rs[-1]["base_rss_mb"],
+                      agree=sum(a == b for a, b in zip(toks, ref_tokens)) if ref_tokens else None,
+                      n_tokens=len(toks), tokens=toks)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="gpt2")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--engines", default=",".join(ENGINES))
+    p.add_argument("--out", default=os.path.join(HERE, "results", "cpu-decode-peers.json"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--prompt", help=argparse.SUPPRESS)
+    p.add_argument("--cfg", help=argparse.SUPPRESS)
+    args, _ = p.parse_known_args(argv)
+    if args.worker:
+        args.threads = int(args.threads)
+        return worker(args)
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad:
+        p.error(f"unknown engines {bad}; expected some of {','.join(ENGINES)}")
+    threads = [int(t) for t in args.threads.split(",")]
+    return drive(args, engines, threads)
+
+
+def drive(args, engines, threads) -> int:
+    sys.path.insert(0, ROOT)
+    import torch
+    from gpt2_fast import GPT, GPTConfig
+    from gpt2_fast.benchmarks.common import stamp, write_json
+    load_before = open("/proc/loadavg").read().split()[:3]
+    with tempfile.TemporaryDirectory() as work:
+        model_dir = os.path.join(work, "hf")
+        torch.manual_seed(0)
+        model = GPT(GPTConfig.from_name(args.config)).eval()
+        model.save_pretrained(model_dir)
+        cfg = dict(n_layer=model.config.n_layer, n_head=model.config.n_head, n_embd=model.config.n_embd)
+        wbytes = {k: floor_bytes(model, k) for k in ("fp32", "bf16", "int8")}
+        del model
+        prompt = torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+        skipped = prepare_peers(engines, model_dir, work)
+        engines = [e for e in engines if e not in skipped]
+        results = {}
+        for t in threads:
+            print(f"-- {t} thread(s): {', '.join(engines)}; {args.reps} interleaved reps", file=sys.stderr)
+            runs = measure(engines, t, args, work, model_dir, prompt, cfg)
+            ref = runs.get("ours_fp32", [{}])[-1].get("tokens")
+            results[str(t)] = summarize(runs, ref)
+    bw = copy_bandwidth_gbs()
+    load_after = open("/proc/loadavg").read().split()[:3]
+    report(results, threads, bw, wbytes, skipped, load_before, load_after, args)
+    write_json(args.out, dict(stamp=stamp(torch.device("cpu")), machine=machine(), config=args.config,
+                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
+                              load_before=load_before, load_after=load_after, copy_bandwidth_gbs=bw,
+                              floor_bytes=wbytes, floor_ms={k: v / bw / 1e6 for k, v in wbytes.items()},
+                              skipped=skipped, results=results, command=" ".join(sys.argv)))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def floor_bytes(model, kind: str) -> int:
+    """Bytes one decode step must read: the block weights and the LM head (not wte/wpe gathers)."""
+    size = {"fp32": 4, "bf16": 2, "int8": 1}[kind]
+    n = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and ".h." in name)
+    head = model.lm_head.weight.numel()
+    small = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 1) * 4  # LN, biases: fp32
+    return (n + head) * size + small
+
+
+def copy_bandwidth_gbs(nbytes: int = 256 << 20, reps: int = 5) -> float:
+    import torch
+    torch.set_num_threads(1)
+    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9  # read + write bytes
+
+
+def machine() -> dict:
+    info = {}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            k, _, v = line.partition(":")
+            if k.strip() in ("Model name", "CPU(s)", "L2 cache", "L3 cache"):
+                info[k.strip()] = v.strip()
+            if k.strip() == "Flags":
+                info["simd"] = [f for f in v.split() if f.startswith(("avx512", "avx2", "amx", "avx_vnni"))]
+    except OSError:
+        pass
+    return info
+
+
+def report(results, threads, bw, wbytes, skipped, load_before, load_after, args) -> None:
+    print(f"{args.config}, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
+          f"median of {args.reps} interleaved reps; load {load_before} -> {load_after}")
+    for t in threads:
+        res = results[str(t)]
+        base = res.get("ours_fp32", {}).get("ms_per_token")
+        print(f"\n{t} thread(s)\n{'engine':<10} {'ms/token':>9} {'vs ours fp32':>13} {'TTFT ms':>8} "
+              f"{'RSS MB':>7} {'(model)':>8} {'agree':>8}")
+        for e, r in res.items():
+            ratio = f"{base / r['ms_per_token']:.2f}x" if base else "-"
+            agree = f"{r['agree']}/{r['n_tokens']}" if r["agree"] is not None else "-"
+            print(f"{e:<10} {r['ms_per_token']:9.2f} {ratio:>13} {r['ttft_ms']:8.1f} {r['rss_mb']:7.0f} "
+                  f"{r['rss_above_imports_mb']:8.0f} {agree:>8}")
+    print(f"\nfloor (bytes a step reads / {bw:.1f} GB/s copy bandwidth): "
+          + ", ".join(f"{k} {v / 1e6:.0f} MB = {v / bw / 1e6:.1f} ms" for k, v in wbytes.items()))
+    for e, why in skipped.items():
+        print(f"skipped {e}: {why}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,253 @@
+// The whole GPT-2 forward for CPU inference in one call: prefill (T > 1) and the decode step
+// (T == 1) of gpt2_fast/cpu_decode.py, so Python runs once per token instead of issuing ~1,100 ops.
+//
+//   x = wte[idx] + wpe[pos]                                  pos = slot - kv_start[b] (>= 0)
+//   per layer:  h = LN1(x);  qkv = h Wqkv^T + b              (gemv.h; ATen GEMM for > 8 rows)
+//               K, V caches[b, head, slot] = k, v            slot = start + t
+//               a = softmax(q K^T / sqrt(D)) V over slots [kv_start[b], slot]   (causal)
+//               x += a Wo^T + bo;  h = LN2(x);  f = gelu_tanh(h Wfc^T + bfc);  x += f Wp^T + bp
+//   logits[b] = LN_f(x[b, T-1]) Wlm^T                        the last position of each row (all
+//                                                            positions with all_logits: perplexity)
+//
+// Weights are read where the model keeps them (fp32 / bf16 / int8 + per-channel scale, either
+// layout of gemv.h); activations, LayerNorm, softmax and the KV cache are fp32. Tensors arrive as
+// two flat lists (cpu_decode.py builds them once): globals = [wte, wpe, lnf_w, lnf_b, lm_w, lm_s]
+// and kLayerTensors per layer (order below); an empty tensor stands for "none" (no bias, no
+// scale). Design choice: one op for the whole model rather than one per layer, because per-token
+// dispatch overhead, not arithmetic, is what separates a Python step from the bandwidth floor.
+#include <cmath>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "../common.h"
+#include "../ops.h"
+#include "cpu_math.h"
+#include "gemv.h"
+
+namespace gpt2_fast {
+namespace cpu {
+
+constexpr int kLayerTensors = 16;
+enum LayerSlot { LN1_W, LN1_B, QKV_W, QKV_S, QKV_B, AO_W, AO_S, AO_B, LN2_W, LN2_B, FC_W, FC_S, FC_B, MP_W, MP_S, MP_B };
+constexpr float kGeluK0 = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluK1 = 0.044715f;
+
+// ------------------------------------------------------------------------------------------
+// kernels (fp32 rows)
+// ------------------------------------------------------------------------------------------
+
+GPT2F_CLONES static void ln_row(const float* __restrict x, const float* __restrict w, const float* __restrict b,
+                                float* __restrict y, int64_t C, float eps) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < C; ++i) sum += x[i];
+  const float mean = sum / static_cast<float>(C);
+  float sq = 0.f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t i = 0; i < C; ++i) sq += (x[i] - mean) * (x[i] - mean);
+  const float rstd = 1.f / std::sqrt(sq / static_cast<float>(C) + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < C; ++i) y[i] = (x[i] - mean) * rstd * (w ? w[i] : 1.f) + (b ? b[i] : 0.f);
+}
+
+GPT2F_CLONES static void gelu_inplace(float* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = y[i];
+    y[i] = 0.5f * u * (1.f + tanh_f32(kGeluK0 * (u + kGeluK1 * u * u * u)));
+  }
+}
+
+GPT2F_CLONES static float dot64(const float* __restrict a, const float* __restrict b, int64_t D) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < D; ++i) s += a[i] * b[i];
+  return s;
+}
+
+GPT2F_CLONES static void axpy(float p, const float* __restrict v, float* __restrict o, int64_t D) {
+#pragma omp simd
+  for (int64_t i = 0; i < D; ++i) o[i] += p * v[i];
+}
+
+GPT2F_CLONES static void exp_shift(float* __restrict s, int64_t n, float mx, float* sum_out) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = exp_f32(s[i] - mx);
+    sum += s[i];
+  }
+  *sum_out = sum;
+}
+
+// ------------------------------------------------------------------------------------------
+// the pieces of a forward
+// ------------------------------------------------------------------------------------------
+
+struct Shape {
+  int64_t B, T, C, H, D, S, start;
+  std::vector<int64_t> ks;  // kv_start per row
+};
+
+static const float* opt_f32(const Tensor& t, int64_t n, const char* what) {
+  if (t.numel() == 0) return nullptr;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what,
+              " must be a contiguous float32 tensor of ", n, " elements, got ", t.scalar_type(), " ", t.sizes());
+  return t.data_ptr<float>();
+}
+
+static OptTensor opt(const Tensor& t) { return t.numel() ? OptTensor(t) : std::nullopt; }
+
+template <typename E>
+static void embed_rows(const Tensor& wte, const int64_t* ids, const float* wpe, const Shape& s, float* x) {
+  const E* w = wte.data_ptr<E>();
+  const int64_t s0 = wte.stride(0), s1 = wte.stride(1);
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t t = 0; t < s.T; ++t) {
+      const int64_t m = b * s.T + t, id = ids[m];
+      const int64_t pos = std::max<int64_t>(s.start + t - s.ks[b], 0);
+      for (int64_t c = 0; c < s.C; ++c)
+        x[m * s.C + c] = static_cast<float>(w[id * s0 + c * s1]) + wpe[pos * s.C + c];
+    }
+}
+
+// write k, v of every row into the caches, then attend (rows in parallel over (b, head, t))
+static void attention(const float* qkv, float* out, float* kc, float* vc, const Shape& s) {
+  const int64_t C = s.C, D = s.D, H = s.H, T = s.T;
+  for (int64_t b = 0; b < s.B; ++b)
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < H; ++h) {
+        const float* row = qkv + (b * T + t) * 3 * C;
+        const int64_t off = ((b * H + h) * s.S + s.start + t) * D;
+        std::memcpy(kc + off, row + C + h * D, sizeof(float) * D);
+        std::memcpy(vc + off, row + 2 * C + h * D, sizeof(float) * D);
+      }
+  const float scale = 1.f / std::sqrt(static_cast<float>(D));
+  at::parallel_for(0, s.B * H * T, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(s.start + T);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
+      const float* q = qkv + (b * T + t) * 3 * C + h * D;
+      const float* K = kc + (b * H + h) * s.S * D;
+      const float* V = vc + (b * H + h) * s.S * D;
+      const int64_t j0 = std::min(s.ks[b], s.start + t), j1 = s.start + t + 1;  // live slots
+      float mx = -INFINITY;
+      for (int64_t j = j0; j < j1; ++j) {
+        p[j] = dot64(q, K + j * D, D) * scale;
+        mx = std::max(mx, p[j]);
+      }
+      float sum = 0.f;
+      exp_shift(p.data() + j0, j1 - j0, mx, &sum);
+      float* o = out + (b * T + t) * C + h * D;
+      std::memset(o, 0, sizeof(float) * D);
+      const float inv = 1.f / sum;
+      for (int64_t j = j0; j < j1; ++j) axpy(p[j] * inv, V + j * D, o, D);
+    }
+  });
+}
+
+// y (+)= x W^T * s + b for the `w` / `s` / `b` slots of one layer
+static void layer_linear(const float* x, int64_t M, int64_t K, at::TensorList L, int w, int s, int b, float* y,
+                         bool accumulate, Isa isa) {
+  const Tensor& weight = L[w];
+  const WeightView v = weight_view(weight, opt(L[s]));
+  TORCH_CHECK(v.K == K, "layer weight must have ", K, " input features, got ", v.K);
+  linear(x, M, K, weight, v, opt_f32(L[b], v.N, "bias"), y, v.N, accumulate, isa);
+}
+
+static void run_layer(at::TensorList L, float* x, float* h, std::vector<float>& qkv, std::vector<float>& att,
+                      std::vector<float>& f, float* kc, float* vc, const Shape& s, float eps, Isa isa) {
+  const int64_t M = s.B * s.T, C = s.C;
+  const float *l1w = opt_f32(L[LN1_W], C, "ln_1.weight"), *l1b = opt_f32(L[LN1_B], C, "ln_1.bias");
+  const float *l2w = opt_f32(L[LN2_W], C, "ln_2.weight"), *l2b = opt_f32(L[LN2_B], C, "ln_2.bias");
+  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, l1w, l1b, h + m * C, C, eps);
+  layer_linear(h, M, C, L, QKV_W, QKV_S, QKV_B, qkv.data(), false, isa);
+  attention(qkv.data(), att.data(), kc, vc, s);
+  layer_linear(att.data(), M, C, L, AO_W, AO_S, AO_B, x, true, isa);
+  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, l2w, l2b, h + m * C, C, eps);
+  layer_linear(h, M, C, L, FC_W, FC_S, FC_B, f.data(), false, isa);
+  const int64_t F = L[FC_W].size(0);
+  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) { gelu_inplace(f.data() + b * F, (e - b) * F); });
+  layer_linear(f.data(), M, F, L, MP_W, MP_S, MP_B, x, true, isa);
+}
+
+static Shape check_shape(const Tensor& idx, int64_t start, const OptTensor& kv_start, const Tensor& wte,
+                         at::TensorList k_caches, int64_t n_head) {
+  CHECK_CPU(idx);
+  CHECK_DIM(idx, 2);
+  CHECK_DTYPE(idx, at::kLong);
+  CHECK_CONTIGUOUS(idx);
+  CHECK_DIM(wte, 2);
+  TORCH_CHECK(wte.scalar_type() == at::kFloat || wte.scalar_type() == at::kBFloat16,
+              "wte must be float32 or bfloat16, got ", wte.scalar_type());
+  Shape s{idx.size(0), idx.size(1), wte.size(1), n_head, wte.size(1) / n_head, 0, start, {}};
+  TORCH_CHECK(n_head > 0 && s.C % n_head == 0, "n_embd ", s.C, " is not a multiple of n_head ", n_head);
+  TORCH_CHECK(!k_caches.empty(), "expected one KV cache per layer");
+  const Tensor& kc = k_caches[0];
+  TORCH_CHECK(kc.dim() == 4 && kc.size(0) >= s.B && kc.size(1) == s.H && kc.size(3) == s.D,
+              "k cache must be (B_max >= ", s.B, ", ", s.H, ", S, ", s.D, "), got ", kc.sizes());
+  s.S = kc.size(2);
+  TORCH_CHECK(start >= 0 && start + s.T <= s.S, "slots [", start, ", ", start + s.T, ") do not fit the cache of ",
+              s.S, " slots");
+  s.ks.assign(s.B, 0);
+  if (kv_start.has_value()) {
+    CHECK_SHAPE(*kv_start, s.B);
+    Tensor k64 = kv_start->to(at::kLong).contiguous();
+    for (int64_t b = 0; b < s.B; ++b) s.ks[b] = k64.data_ptr<int64_t>()[b];
+  }
+  const int64_t V = wte.size(0);
+  const int64_t* ids = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < idx.numel(); ++i)
+    TORCH_CHECK(ids[i] >= 0 && ids[i] < V, "token id ", ids[i], " is outside [0, ", V, ")");
+  return s;
+}
+
+}  // namespace cpu
+
+Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_start, at::TensorList globals,
+                        at::TensorList layers, at::TensorList k_caches, at::TensorList v_caches, int64_t n_head,
+                        int64_t n_vocab, double eps, bool all_logits, int64_t isa) {
+  using namespace cpu;
+  TORCH_CHECK(globals.size() == 6, "globals must be [wte, wpe, ln_f.weight, ln_f.bias, lm_head weight, scale]");
+  const int64_t n_layer = static_cast<int64_t>(k_caches.size());
+  TORCH_CHECK(static_cast<int64_t>(layers.size()) == n_layer * kLayerTensors &&
+                  static_cast<int64_t>(v_caches.size()) == n_layer,
+              "expected ", kLayerTensors, " tensors and a k and v cache per layer");
+  const Tensor& wte = globals[0];
+  Shape s = check_shape(idx, start, kv_start, wte, k_caches, n_head);
+  const Isa is = resolve_isa(isa);
+  const int64_t M = s.B * s.T, C = s.C;
+  const float* wpe = opt_f32(globals[1], globals[1].numel(), "wpe");
+  TORCH_CHECK(wpe && globals[1].numel() >= (start + s.T) * C, "wpe is too short for the positions");
+  std::vector<float> x(M * C), h(M * C), qkv(M * 3 * C), att(M * C), f(M * 4 * C);
+  if (wte.scalar_type() == at::kFloat) embed_rows<float>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
+  else embed_rows<c10::BFloat16>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
+  for (int64_t l = 0; l < n_layer; ++l) {
+    const Tensor &kc = k_caches[l], &vc = v_caches[l];
+    for (const Tensor* c : {&kc, &vc})
+      TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->sizes() == k_caches[0].sizes(),
+                  "KV caches must be contiguous float32 tensors of one shape");
+    if (layers[l * kLayerTensors + FC_W].size(0) * M > static_cast<int64_t>(f.size())) f.resize(layers[l * kLayerTensors + FC_W].size(0) * M);
+    run_layer(layers.slice(l * kLayerTensors, kLayerTensors), x.data(), h.data(), qkv, att, f,
+              kc.data_ptr<float>(), vc.data_ptr<float>(), s, static_cast<float>(eps), is);
+  }
+  // the final LayerNorm and the LM head on the last position of each row (or on every row)
+  const float *lw = opt_f32(globals[2], C, "ln_f.weight"), *lb = opt_f32(globals[3], C, "ln_f.bias");
+  const int64_t R = all_logits ? M : s.B;
+  std::vector<float> last(R * C);
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
+    ln_row(x.data() + m * C, lw, lb, last.data() + r * C, C, static_cast<float>(eps));
+  }
+  TORCH_CHECK(n_vocab > 0 && n_vocab <= globals[4].size(0), "n_vocab must be in [1, ", globals[4].size(0), "]");
+  const Tensor lm = globals[4].narrow(0, 0, n_vocab);
+  const OptTensor lm_s = globals[5].numel() ? OptTensor(globals[5].narrow(0, 0, n_vocab)) : std::nullopt;
+  const WeightView v = weight_view(lm, lm_s);
+  TORCH_CHECK(v.K == C, "lm_head must have ", C, " input features, got ", v.K);
+  Tensor logits = empty_out({R, n_vocab}, idx.options().dtype(at::kFloat));
+  linear(last.data(), R, C, lm, v, nullptr, logits.data_ptr<float>(), n_vocab, false, is);
+  return all_logits ? logits.view({s.B, s.T, n_vocab}) : logits;
+}
+
+}  // namespace gpt2_fast

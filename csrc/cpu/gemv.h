@@ -1,0 +1,57 @@
+// Small-batch GEMV on CPU for fp32, bf16 and int8 weights: y (M, N) = x (M, K) @ W^T * s + b.
+//
+// Used by the cpu_linear op (csrc/cpu/gemv.cpp) and the fused decode step (csrc/cpu/decode_step.cpp).
+// x is fp32; W is read in place in either of two layouts, whichever the tensor has:
+//   NK  (N, K) row-major, nn.Linear's own layout and the tied embedding: y[m, n] = dot(x[m], W[n]),
+//       4 weight rows at a time with their fp32 accumulators in registers, reduced once at the end.
+//   KN  (K, N) row-major (the transposed storage the engine's cpu_layout / quantize_int8 give):
+//       y[m, :] += x[m, k] * W[k, :], 4 weight rows at a time over a tile of columns whose fp32
+//       accumulators live in L1; every weight row is read as one long sequential run.
+// Both read every weight byte exactly once per call (rows of x share each load: M <= 8 is one
+// pass), convert it to fp32 in registers (int8: sign-extend + cvt; bf16: a 16-bit shift) and
+// accumulate in fp32; the per-channel int8 scale and the bias are applied once per output.
+#pragma once
+
+#include <cstdint>
+
+#include <optional>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+namespace gpt2_fast {
+namespace cpu {
+
+// Instruction sets the kernels are compiled for; picked once from the CPU (__builtin_cpu_supports)
+// or forced with GPT2_FAST_CPU_ISA=portable|avx2|avx512 (or an explicit argument, for tests).
+enum class Isa : int { Auto = -1, Portable = 0, Avx2 = 1, Avx512 = 2 };
+
+Isa best_isa();                 // what this CPU runs (respecting GPT2_FAST_CPU_ISA)
+Isa resolve_isa(int64_t isa);   // -1 = best_isa(); else checked against the CPU
+const char* isa_name(Isa isa);
+
+struct WeightView {
+  const void* data = nullptr;
+  c10::ScalarType dtype = c10::kFloat;  // kFloat, kBFloat16 or kChar (int8, needs scale)
+  int64_t N = 0, K = 0;
+  int64_t ld = 0;          // elements between consecutive rows of the stored matrix
+  bool kn = false;         // stored (K, N) row-major (else (N, K))
+  const float* scale = nullptr;  // (N,) per-output scale (int8), or null
+};
+
+// y[m * ldy + n] (+)= sum_k x[m * ldx + k] W[n, k] * scale[n] + bias[n], for m < M, n < N.
+// accumulate: add to y (the residual add of a projection). Parallel over output columns.
+void gemv(const float* x, int64_t M, int64_t ldx, const WeightView& w, const float* bias, float* y,
+          int64_t ldy, bool accumulate, Isa isa);
+
+constexpr int64_t kGemvMaxRows = 8;  // more rows of x (prefill) go to ATen's GEMM
+
+// The view of a (N, K) weight tensor stored (N, K) or (K, N) row-major; int8 needs scale (N,) fp32.
+WeightView weight_view(const at::Tensor& weight, const std::optional<at::Tensor>& scale);
+
+// gemv for M <= kGemvMaxRows, else at::mm on a float copy of `weight` (the tensor of w) + epilogue.
+void linear(const float* x, int64_t M, int64_t ldx, const at::Tensor& weight, const WeightView& w,
+            const float* bias, float* y, int64_t ldy, bool accumulate, Isa isa);
+
+}  // namespace cpu
+}  // namespace gpt2_fast

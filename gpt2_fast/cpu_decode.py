@@ -1,0 +1,135 @@
+"""CPU inference in one compiled call per token: the fused forward of csrc/cpu/decode_step.cpp.
+
+On CPU a decode step of the Python model issues ~1,100 small ops (~15 ms of dispatch for gpt2);
+`torch.ops.gpt2_fast.cpu_gpt2_forward` runs embedding, every block (LN -> QKV -> cache write ->
+attention over the live cache -> projection + residual -> LN -> fc + GELU -> projection + residual),
+the final LN and the LM head of the last position in C++, with the small-batch GEMV kernels of
+csrc/cpu/gemv.cpp (fp32 / bf16 / int8 weights read in place, fp32 activations) for up to 8 rows and
+ATen's GEMM beyond (prefill). The engine (gpt2_fast/engine.py) uses it on CPU for the prefill and
+every step, and samples from the logits it returns as before.
+
+Weights are read where the model keeps them, no copy: nn.Linear weights in either layout
+(the engine's (in, out)-major cpu_layout or nn.Linear's own), Int8Linear's int8 weight + scales
+(gpt2_fast/quant.py), the tied embedding as the LM head. Only small tensors (biases, LayerNorm,
+positions) are passed as fp32 (copies only for a bf16 model: a few MB). The KV cache is the
+model's own static cache, kept fp32.
+
+GPT2_FAST_CPU_FUSED=0 turns it off (the engine then runs the Python step);
+GPT2_FAST_CPU_ISA=portable|avx2|avx512 caps the kernels' instruction set.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_FLOAT = (torch.float32, torch.bfloat16)
+
+
+def _op(name: str):
+    """torch.ops.gpt2_fast.<name> from the compiled extension, or None where it is not built."""
+    from . import extension
+    if extension.unavailable_reason("cpu") is not None:
+        return None
+    return getattr(torch.ops.gpt2_fast, name, None) if hasattr(torch.ops, "gpt2_fast") else None
+
+
+def cpu_isa() -> Optional[str]:
+    """The instruction set the CPU kernels run here (avx512, avx2, portable), None without them."""
+    op = _op("cpu_isa")
+    return op(-1) if op is not None else None
+
+
+def _f32(t: Optional[Tensor]) -> Tensor:
+    """A small vector as contiguous fp32 (the same tensor when it already is), empty for None."""
+    if t is None:
+        return torch.empty(0)
+    return t.detach().float().contiguous()
+
+
+def _linear_tensors(lin) -> list[Tensor]:
+    """[weight, scale or empty, bias or empty] of an nn.Linear or a quant.Int8Linear."""
+    from .quant import Int8Linear
+    if isinstance(lin, Int8Linear):
+        return [lin.weight_int8, lin.scale.float().contiguous(), _f32(lin.bias)]
+    return [lin.weight.detach(), torch.empty(0), _f32(lin.bias)]
+
+
+def unsupported_reason(model) -> Optional[str]:
+    """None when CpuDecoder can run this model, else why not."""
+    if os.environ.get("GPT2_FAST_CPU_FUSED") == "0":
+        return "GPT2_FAST_CPU_FUSED=0"
+    if _op("cpu_gpt2_forward") is None:
+        return "the compiled extension (gpt2_fast._C) with cpu_gpt2_forward is not available"
+    from .quant import Int8Linear
+    wte = model.transformer.wte.weight
+    if wte.device.type != "cpu" or wte.dtype not in _FLOAT:
+        return f"needs a float32 or bfloat16 model on CPU, got {wte.dtype} on {wte.device}"
+    for block in model.transformer.h:
+        for lin in (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj):
+            if not isinstance(lin, (torch.nn.Linear, Int8Linear)):
+                return f"unsupported projection {type(lin).__name__}"
+            if isinstance(lin, torch.nn.Linear) and lin.weight.dtype not in _FLOAT:
+                return f"unsupported weight dtype {lin.weight.dtype}"
+    if not isinstance(model.lm_head, (torch.nn.Linear, Int8Linear)):
+        return f"unsupported LM head {type(model.lm_head).__name__}"
+    return None
+
+
+class CpuDecoder:
+    """The flat tensor lists of one model for cpu_gpt2_forward, built once (call `fresh` to know
+    whether the model's tensors are still the ones packed)."""
+
+    def __init__(self, model, isa: int = -1):
+        why = unsupported_reason(model)
+        if why is not None:
+            raise ValueError(f"CpuDecoder: {why}")
+        self.model, self.isa = model, isa
+        self._op = _op("cpu_gpt2_forward")
+        self._key = self._identity()
+        t, cfg = model.transformer, model.config
+        lm = _linear_tensors(model.lm_head)
+        self.globals = [t.wte.weight.detach(), _f32(t.wpe.weight), _f32(t.ln_f.weight), _f32(t.ln_f.bias),
+                        lm[0], lm[1]]
+        self.layers: list[Tensor] = []
+        for b in t.h:
+            self.layers += [_f32(b.ln_1.weight), _f32(b.ln_1.bias), *_linear_tensors(b.attn.c_attn),
+                            *_linear_tensors(b.attn.c_proj), _f32(b.ln_2.weight), _f32(b.ln_2.bias),
+                            *_linear_tensors(b.mlp.c_fc), *_linear_tensors(b.mlp.c_proj)]
+        self.n_head, self.vocab, self.eps = cfg.n_head, cfg.vocab_size, cfg.layer_norm_epsilon
+
+    def _identity(self) -> tuple:
+        m = self.model
+        return tuple((t.data_ptr(), t.dtype) for t in (*m.parameters(), *m.buffers())
+                     if not t.data_ptr() in self._cache_ptrs())
+
+    def _cache_ptrs(self) -> set:
+        return {c.data_ptr() for b in self.model.transformer.h if b.attn.kv_cache is not None
+                for c in (b.attn.kv_cache.k_cache, b.attn.kv_cache.v_cache)}
+
+    def fresh(self) -> bool:
+        """True while the model holds the very tensors packed here."""
+        return self._identity() == self._key
+
+    def forward(self, idx: Tensor, start: int, kv_start: Optional[Tensor] = None,
+                all_logits: bool = False) -> Tensor:
+        """idx (B, T) int64 at cache slots [start, start + T) (kv_start (B,): padding slots per row)
+        -> fp32 logits (B, vocab) of the last position, or (B, T, vocab) with all_logits. Uses and
+        fills the model's KV cache (model.setup_cache(..., dtype=torch.float32) first)."""
+        h = self.model.transformer.h
+        kc = [b.attn.kv_cache.k_cache for b in h]
+        vc = [b.attn.kv_cache.v_cache for b in h]
+        return self._op(idx.contiguous(), start, kv_start, self.globals, self.layers, kc, vc, self.n_head,
+                        self.vocab, self.eps, all_logits, self.isa)
+
+
+def cpu_decoder_for(model, previous: Optional[CpuDecoder] = None) -> Optional[CpuDecoder]:
+    """The CpuDecoder the engine should use for `model` (reusing `previous` while it is fresh),
+    or None when the model cannot run through it (the engine then runs the Python step)."""
+    if previous is not None and previous.model is model and previous.fresh():
+        return previous
+    if unsupported_reason(model) is not None:
+        return None
+    return CpuDecoder(model)

@@ -1,0 +1,125 @@
+"""The fused CPU forward (csrc/cpu/decode_step.cpp via gpt2_fast/cpu_decode.py): the engine's tokens
+with it == without it (greedy, seeded sampling, ragged left-padded batches) == HF transformers'
+greedy tokens for fp32; its logits == the Python model's for fp32, bf16 and int8 weights on every
+instruction set this CPU runs; bad inputs give clear errors."""
+import copy
+
+import pytest
+import torch
+
+from gpt2_fast import GPT, GPTConfig
+from gpt2_fast.engine import Engine
+from gpt2_fast.quant import quantize_int8
+from lively import lively
+
+ext = pytest.importorskip("gpt2_fast.extension")
+if ext.unavailable_reason("cpu") or not hasattr(torch.ops.gpt2_fast, "cpu_gpt2_forward"):
+    pytest.skip("the compiled extension with cpu_gpt2_forward is not built", allow_module_level=True)
+
+from gpt2_fast.cpu_decode import CpuDecoder  # noqa: E402
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    m = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, vocab_size=2000, block_size=64)).eval()
+    with torch.no_grad():
+        lively(m, 100.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def runnable_isas():
+    out = []
+    for i in (0, 1, 2):
+        try:
+            torch.ops.gpt2_fast.cpu_isa(i)
+            out.append(i)
+        except RuntimeError:
+            pass
+    return out
+
+
+def tokens(engine, prompts, n, **kw):
+    kw.setdefault("temperature", 0)
+    return torch.stack(list(engine.generate_ids(prompts, n, stop_at_eot=False, **kw)), 1).tolist()
+
+
+# 4 rows: a full batch bucket (a bucket's spare rows would feed <|endoftext|>, outside this vocab)
+PROMPTS = [[464, 1290, 318, 257, 922, 1110], [40, 588], [1212, 318, 257], [7, 1999, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("sampling", [dict(), dict(temperature=0.9, top_k=40, top_p=0.9, seed=3)],
+                         ids=["greedy", "sampled"])
+def test_fused_engine_equals_python_engine(model, monkeypatch, sampling):
+    fused = Engine(model)
+    got = tokens(fused, PROMPTS, 12, **sampling)
+    got1 = tokens(fused, PROMPTS[:1], 12, **sampling)
+    assert fused._cpu is not None, "the engine did not take the C++ path"
+    monkeypatch.setenv("GPT2_FAST_CPU_FUSED", "0")
+    plain = Engine(model)
+    assert tokens(plain, PROMPTS, 12, **sampling) == got
+    assert tokens(plain, PROMPTS[:1], 12, **sampling) == got1
+    assert plain._cpu is None
+
+
+def test_fused_greedy_equals_hf(model, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model.save_pretrained(str(tmp_path))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path)).eval()
+    ours = tokens(Engine(model), PROMPTS[:1], 16)[0]
+    with torch.no_grad():
+        ids = torch.tensor(PROMPTS[:1])
+        for _ in range(16):
+            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert ours == ids[0, len(PROMPTS[0]):].tolist()
+
+
+def fused_logits(m, idx, isa=-1):
+    m.setup_cache(idx.shape[0], idx.shape[1], dtype=torch.float32)
+    return CpuDecoder(m, isa=isa).forward(idx, 0, all_logits=True)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_fused_logits_equal_python_forward(model, kind):
+    """Prefill of 9 rows' worth (GEMM path) and a 1-row decode step (GEMV path) on each ISA, against
+    the Python model on the very same weight values in fp32."""
+    m = copy.deepcopy(model)
+    if kind == "bf16":
+        m = m.to(torch.bfloat16)
+        ref_model = copy.deepcopy(m).float()          # the bf16-rounded weights, computed in fp32
+    elif kind == "int8":
+        m = quantize_int8(m)
+        ref_model = m
+        for mod in m.modules():
+            if hasattr(mod, "weight_int8"):
+                mod.kernel = "torch"                  # dequantize + F.linear: the independent path
+    else:
+        ref_model = m
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 2000, (1, 9), generator=g)
+    with torch.no_grad():
+        ref = ref_model(idx)[0].float()               # (1, 9, V)
+    for isa in runnable_isas():
+        got = fused_logits(m, idx, isa)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3 if kind != "fp32" else 2e-4)
+        # decode: the last token alone after a prefill of the first 8 (the GEMV path)
+        dec = CpuDecoder(m, isa=isa)
+        dec.forward(idx[:, :8], 0)
+        step = dec.forward(idx[:, 8:], 8)
+        torch.testing.assert_close(step, ref[:, -1], rtol=1e-4, atol=1e-3 if kind != "fp32" else 2e-4)
+
+
+def test_fused_forward_rejects_bad_inputs(model):
+    m = copy.deepcopy(model)
+    m.setup_cache(1, 8, dtype=torch.float32)
+    dec = CpuDecoder(m)
+    with pytest.raises(RuntimeError, match="outside"):
+        dec.forward(torch.tensor([[2000]]), 0)
+    with pytest.raises(RuntimeError, match="do not fit the cache"):
+        dec.forward(torch.tensor([[1, 2]]), 7)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        CpuDecoder(copy.deepcopy(model).half())
