@@ -84,7 +84,8 @@ def checkpoint_path(out_dir: str, step: int) -> str:
     return os.path.join(out_dir, f"ckpt_{step:08d}.pt")
 
 
-def _step_of(path: str) -> int:
+def checkpoint_step(path: str) -> int:
+    """The step number of a ckpt_{step}.pt path."""
     return int(_NAME_RE.match(os.path.basename(path)).group(1))
 
 
@@ -130,7 +131,7 @@ class CheckpointManager:
         self._remove_stale_temps()
         path = checkpoint_path(self.out_dir, step)
         save_checkpoint(path, {"step": step, **state})
-        older = [p for p in list_checkpoints(self.out_dir) if _step_of(p) < step]
+        older = [p for p in list_checkpoints(self.out_dir) if checkpoint_step(p) < step]
         for old in older[:max(0, len(older) - (self.keep_last - 1))]:
             os.unlink(old)
         return path

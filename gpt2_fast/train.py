@@ -1,15 +1,20 @@
 """`gpt2-fast train` (also `python -m gpt2_fast.train`, and under torchrun for DDP / FSDP2).
 
-    gpt2-fast train gpt2 --data=out/data --batch_size=8 --seq_len=1024 --max_steps=5000
+    gpt2-fast train gpt2 --data=out/data --out=out/run1 --batch_size=8 --max_steps=5000
     gpt2-fast train my_run.toml --lr=3e-4                 # a TOML/JSON file of TrainConfig fields
-    torchrun --nproc_per_node=8 -m gpt2_fast.train gpt2 --grad_accum=4
-    gpt2-fast train --resume=auto --out_dir=out/train    # continue the latest checkpoint exactly
+    torchrun --nproc_per_node=8 -m gpt2_fast.train gpt2 --total_batch_size=524288
+    gpt2-fast train --resume=auto --out=out/run1          # continue the latest checkpoint exactly
 
-One optimizer step: grad_accum micro-batches of (batch_size, seq_len) per process, each through
+The parts: train_args (config and options), train_resume (run folder, resume checks), schedule
+(learning rate), distributed (torchrun), train_log (log.jsonl / TensorBoard / wandb), run_dir
+and checkpoint (files); here the Trainer: set-up, train_step, run_eval, save, and the loop.
+
+One optimizer step: accum micro-batches of (batch_size, seq_len) per process, each through
 the fused LM-head + cross-entropy path `model(x, y, return_logits=False)` (the (B*T, vocab)
 logits never exist), gradients synchronised once (DDP no_sync / FSDP2 requires_gradient_sync on
-the last micro-step only), clipped, then AdamW (fused on CUDA; weight decay on 2-D weights only)
-at the warmup + cosine learning rate. bf16 autocast on CUDA, fp32 on CPU.
+the last micro-step only), clipped, then AdamW (fused; weight decay on 2-D weights only)
+at the warmup + cosine learning rate. bf16 autocast on CUDA, fp32 on CPU (TF32 matmuls for
+fp32 on CUDA). The loss stays on the device; the host reads it every log_interval steps only.
 
 Determinism: on CPU a run stopped at step k and resumed from its checkpoint ends with weights
 bit-identical to an uninterrupted run: the checkpoint holds the model, the optimizer, every
@@ -20,144 +25,34 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
-import json
 import math
 import os
 import signal
 import sys
 import time
-import typing
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from . import run_dir
-from .checkpoint import (BEST, CheckpointManager, _step_of, list_checkpoints, load_checkpoint, model_from_state,
-                         model_state_dict, rng_state, set_rng_state)
-from .config import RUN_CONTROL_FIELDS, GPTConfig, TrainConfig
+from .checkpoint import CheckpointManager, model_from_state, model_state_dict, rng_state, set_rng_state
+from .config import GPTConfig, TrainConfig
 from .data import TokenLoader, read_shard, shard_paths
+from .distributed import Dist, all_reduce_mean, finish_distributed, fsdp_api, init_distributed
 from .run_dir import RunLock
+from .schedule import lr_at, schedule_anchor
+from .train_args import add_arguments, build_config, config_from_args  # noqa: F401 (the CLI's entry points)
 from .train_log import TrainLogger
+from .train_resume import open_run_dir, resume_mismatch
 
 # bf16 dense tensor-core peaks (no sparsity), for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 # ---------------------------------------------------------------------------------------------
-# configuration: preset / file / --key=value, types checked
-# ---------------------------------------------------------------------------------------------
-
-def _field_types() -> dict:
-    return typing.get_type_hints(TrainConfig)
-
-
-def _check_type(name: str, value: Any, tp) -> Any:
-    """value for TrainConfig.<name> of annotation tp; ints are accepted for floats."""
-    args = typing.get_args(tp)
-    if type(None) in args:
-        if value is None:
-            return None
-        tp = next(a for a in args if a is not type(None))
-    ok = (isinstance(value, bool) if tp is bool else
-          isinstance(value, int) and not isinstance(value, bool) if tp is int else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else
-          isinstance(value, tp))
-    if not ok:
-        raise TypeError(f"TrainConfig.{name} expects {tp.__name__}, got {type(value).__name__} {value!r}")
-    return float(value) if tp is float else value
-
-
-def _parse_str(name: str, text: str, tp) -> Any:
-    """A --key=value string converted to the field's type."""
-    args = typing.get_args(tp)
-    if type(None) in args:
-        if text.lower() in ("none", "null", ""):
-            return None
-        tp = next(a for a in args if a is not type(None))
-    try:
-        if tp is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if tp is int:
-            return int(text)
-        if tp is float:
-            return float(text)
-    except ValueError:
-        raise ValueError(f"--{name} expects {tp.__name__}, got {text!r}") from None
-    return text
-
-
-def read_config_file(path: str) -> dict:
-    """A TOML or JSON file of TrainConfig fields (a [train] table in TOML is also accepted)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    if path.endswith(".toml"):
-        try:
-            import tomllib
-        except ImportError:  # Python < 3.11
-            import tomli as tomllib
-        with open(path, "rb") as f:
-            d = tomllib.load(f)
-        d = d.get("train", d)
-    elif path.endswith(".json"):
-        with open(path) as f:
-            d = json.load(f)
-    else:
-        raise ValueError(f"config file {path} must end in .toml or .json")
-    if not isinstance(d, dict):
-        raise ValueError(f"config file {path} must hold a table of TrainConfig fields")
-    return d
-
-
-def build_config(base: Optional[str] = None, overrides: Optional[dict] = None, **kw) -> TrainConfig:
-    """TrainConfig from a preset name or a .toml/.json file, then `overrides` ({field: str}
-    from the command line, parsed by type) and `kw` (typed values)."""
-    types = _field_types()
-    values: dict = {}
-    if base:
-        if base.endswith((".toml", ".json")):
-            values.update(read_config_file(base))
-        else:
-            values["model"] = base
-    for k, v in (overrides or {}).items():
-        if k not in types:
-            raise ValueError(f"unknown TrainConfig field {k!r}")
-        values[k] = _parse_str(k, v, types[k])
-    values.update(kw)
-    unknown = sorted(set(values) - set(types))
-    if unknown:
-        raise ValueError(f"unknown TrainConfig fields {unknown}; expected some of {sorted(types)}")
-    return TrainConfig(**{k: _check_type(k, v, types[k]) for k, v in values.items()})
-
-
-# ---------------------------------------------------------------------------------------------
 # pieces of the loop
 # ---------------------------------------------------------------------------------------------
-
-def lr_at(cfg: TrainConfig, step: int, anchor: Optional[dict] = None, elapsed: Optional[float] = None) -> float:
-    """Learning rate of update `step` (0-based): linear warmup, then cosine down to min_lr at
-    max_steps.
-
-    anchor {"step": k, "lr": lr_k}: set when a run is resumed at step k with another max_steps;
-    from step k on, the cosine runs from lr_k (the rate the old schedule had reached, so there is
-    no jump) down to min_lr at the new max_steps. elapsed (seconds, with cfg.time_schedule): the
-    decay's progress is the larger of the step and the time fraction (max_seconds)."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    start, top = cfg.warmup_steps, cfg.lr
-    if anchor is not None and step >= anchor["step"]:
-        start, top = anchor["step"], anchor["lr"]
-    progress = (step - start) / max(1, cfg.max_steps - start)
-    if cfg.time_schedule and elapsed is not None:
-        progress = max(progress, elapsed / cfg.max_seconds)
-    progress = min(1.0, progress)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (top - cfg.min_lr)
-
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool) -> torch.optim.AdamW:
     """AdamW with weight decay on the 2-D weights (matmuls, embeddings) only."""
@@ -199,50 +94,9 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_type: str) -> Dist:
-    """torchrun's environment -> an initialised process group (NCCL on CUDA, gloo on CPU)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return Dist()
-    import torch.distributed as dist
-    d = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"]))
-    if not dist.is_initialized():
-        if device_type == "cuda":
-            torch.cuda.set_device(d.local_rank)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return d
-
-
-def _all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
-    if d.enabled:
-        import torch.distributed as dist
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        x /= d.world_size
-    return x
-
-
-def _broadcast_error(err: Optional[str], d: Dist) -> Optional[str]:
-    """Rank 0's error message (or None) on every rank, so that all of them stop together."""
-    if d.enabled:
-        import torch.distributed as dist
-        box = [err]
-        dist.broadcast_object_list(box, src=0)
-        err = box[0]
-    return err
+def eval_batches(loader: TokenLoader, iters: int) -> int:
+    """Global batches one evaluation reads: `iters`, at most an epoch; 0: the whole split."""
+    return loader.batches_per_epoch() if iters == 0 else max(1, min(iters, loader.batches_per_epoch()))
 
 
 @torch.no_grad()
@@ -252,7 +106,7 @@ def evaluate(model: nn.Module, loader: TokenLoader, iters: int, autocast, d: Dis
     was_training = model.training
     model.eval()
     loader.reset()
-    n = loader.batches_per_epoch() if iters == 0 else max(1, min(iters, loader.batches_per_epoch()))
+    n = eval_batches(loader, iters)
     total = torch.zeros((), device=loader.device)
     for _ in range(n):
         x, y = loader.next_batch()
@@ -260,7 +114,7 @@ def evaluate(model: nn.Module, loader: TokenLoader, iters: int, autocast, d: Dis
             _, loss = model(x, y, return_logits=False)
         total += loss.float()
     model.train(was_training)
-    return float(_all_reduce_mean(total / n, d))
+    return float(all_reduce_mean(total / n, d))
 
 
 def sample_text(raw: nn.Module, cfg: TrainConfig, step: int) -> str:
@@ -312,46 +166,6 @@ def threading_main() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# resume: what may change, what must not
-# ---------------------------------------------------------------------------------------------
-
-def _saved_tokens_per_step(saved: dict, world_size: int) -> tuple[int, str]:
-    """(tokens per optimizer step, how they were made) of a checkpoint's train_config."""
-    B, T = saved.get("batch_size", 0), saved.get("seq_len", 0)
-    total = saved.get("total_batch_size", 0)
-    accum = total // max(1, B * T * world_size) if total else saved.get("grad_accum", 1)
-    return B * T * accum * world_size, f"{B} x {T} x {accum} accum x {world_size} process(es)"
-
-
-def resume_mismatch(saved: dict, saved_world: int, cfg: TrainConfig, world_size: int) -> list[str]:
-    """What differs between a checkpoint's train_config and cfg that a resume cannot take: every
-    field outside RUN_CONTROL_FIELDS, and the global batch (tokens per optimizer step, which may
-    be split differently over processes, micro-batches and accumulation)."""
-    now = cfg.to_dict()
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}" for k in now
-            if k not in RUN_CONTROL_FIELDS and k in saved and saved[k] != now[k]]
-    if "batch_size" in saved:
-        was, how = _saved_tokens_per_step(saved, saved_world)
-        is_ = cfg.tokens_per_step(world_size)
-        if was != is_:
-            diff.append(f"tokens per optimizer step: checkpoint {was:,} ({how}), now {is_:,} ({cfg.batch_size} "
-                        f"x {cfg.seq_len} x {cfg.accum_steps(world_size)} accum x {world_size} process(es)); "
-                        f"set --total_batch_size={was}")
-    return diff
-
-
-def schedule_anchor(saved_cfg: dict, saved_metrics: dict, step: int, cfg: TrainConfig) -> Optional[dict]:
-    """The lr_at anchor of a run resumed at `step`: the saved one, or a new one where max_steps
-    changed after the warmup (the cosine then continues from the rate reached, see lr_at)."""
-    anchor = saved_metrics.get("lr_anchor")
-    old_max = saved_cfg.get("max_steps", cfg.max_steps)
-    if old_max == cfg.max_steps or step < cfg.warmup_steps:
-        return anchor
-    old = dataclasses.replace(cfg, max_steps=old_max, time_schedule=False)
-    return {"step": step, "lr": lr_at(old, step, anchor)}
-
-
-# ---------------------------------------------------------------------------------------------
 # set-up
 # ---------------------------------------------------------------------------------------------
 
@@ -366,69 +180,6 @@ def _build_model(cfg: TrainConfig, resume_state: Optional[dict]):
         return load_model(cfg.init_from, dropout=cfg.dropout, backend=cfg.backend).train()
     except FileNotFoundError as e:
         raise FileNotFoundError(f"--init_from: {e}; or 'scratch' for random weights") from None
-
-
-def _fsdp_api():
-    try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    except ImportError:  # torch < 2.6
-        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
-    return fully_shard, MixedPrecisionPolicy
-
-
-def _open_run_dir(cfg: TrainConfig, d: Dist, lock: RunLock) -> tuple[Optional[str], Optional[dict]]:
-    """Lock the run folder and find what to resume (rank 0 decides, every rank gets the answer):
-    (checkpoint path or None, its state or None)."""
-    path, err = None, None
-    if d.master:
-        try:
-            lock.acquire()
-            path = _resume_path(cfg)
-            if path is None:
-                run_dir.prepare_fresh(cfg.out_dir, cfg.overwrite, logs_only_ok=cfg.resume == "auto")
-        except (ValueError, OSError) as e:
-            lock.release()
-            if not d.enabled:
-                raise
-            err = str(e)
-    err = _broadcast_error(err, d)
-    if err:
-        raise run_dir.RunDirError(err)
-    if d.enabled:
-        import torch.distributed as dist
-        box = [path]
-        dist.broadcast_object_list(box, src=0)
-        path = box[0]
-    return path, (load_checkpoint(path) if path else None)
-
-
-def _resume_path(cfg: TrainConfig) -> Optional[str]:
-    """The checkpoint a run resumes from (None: a fresh run); refuses to resume from a checkpoint
-    older than others in the run folder unless --overwrite (which then deletes the newer ones)."""
-    if not cfg.resume:
-        return None
-    if cfg.resume == "auto":
-        path = list_checkpoints(cfg.out_dir)[-1] if list_checkpoints(cfg.out_dir) else None
-        if path is None:
-            print(f"gpt2-fast train: resume=auto but no checkpoint in {cfg.out_dir}; starting fresh",
-                  file=sys.stderr)
-        return path
-    path = list_checkpoints(cfg.resume)[-1] if os.path.isdir(cfg.resume) and list_checkpoints(cfg.resume) \
-        else cfg.resume
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume {cfg.resume}: no such checkpoint file (or folder with ckpt_*.pt)")
-    if os.path.basename(path) == BEST:
-        raise ValueError(f"--resume {path}: best.pt holds the weights only (no optimizer state); resume "
-                         f"from a ckpt_*.pt, or fine-tune from it with --init_from {path}")
-    step = int(load_checkpoint(path)["step"])
-    newer = [p for p in list_checkpoints(cfg.out_dir) if _step_of(p) > step]
-    if newer and not cfg.overwrite:
-        raise ValueError(f"run folder {cfg.out_dir} holds checkpoints newer than step {step} "
-                         f"({', '.join(os.path.basename(p) for p in newer)}); resuming there would mix two "
-                         f"histories: --resume=auto continues the newest, --overwrite deletes the newer ones")
-    for p in newer:
-        os.unlink(p)
-    return path
 
 
 class Trainer:
@@ -463,7 +214,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg, d = self.cfg, self.d
-        path, state = _open_run_dir(cfg, d, self.lock)
+        path, state = open_run_dir(cfg, d, self.lock)
         self.resumed_from = path
         self.start_step = int(state["step"]) if state else 0
         self.metrics = dict(state.get("metrics", {})) if state else {}
@@ -520,7 +271,7 @@ class Trainer:
     def _setup_wrappers(self, state: Optional[dict]) -> None:
         cfg, d, raw = self.cfg, self.d, self.raw
         if cfg.fsdp:
-            fully_shard, MixedPrecisionPolicy = _fsdp_api()
+            fully_shard, MixedPrecisionPolicy = fsdp_api()
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 \
                 else MixedPrecisionPolicy()
             for block in raw.transformer.h:
@@ -561,6 +312,7 @@ class Trainer:
         self.fpt = flops_per_token(mc, self.n_params, cfg.seq_len)
         self.peak = peak_flops(self.device, self.bf16)
         self.history: list[dict] = []
+        self.seconds, self.val_tokens = 0.0, 0
         self.step = self.start_step
         self.last_saved = self.start_step if state is not None else -1
         self.stop_at = cfg.max_steps if not cfg.max_steps_this_run else \
@@ -614,6 +366,8 @@ class Trainer:
         model = self.fwd if not self.d.enabled else self.raw
         val = evaluate(model, self.val_loader, self.cfg.eval_iters, self.autocast, self.d)
         self.metrics["val_loss"] = val
+        self.val_tokens = eval_batches(self.val_loader, self.cfg.eval_iters) * self.d.world_size * \
+            self.cfg.batch_size * self.cfg.seq_len
         rec = {"kind": "eval", "step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0))}
         self.history.append(rec)
         self.log.log(rec)
@@ -692,10 +446,11 @@ class Trainer:
                 meter.resume()  # tokens/s counts the steps, not evals / samples / saves
         if bar is not None:
             bar.close()
+        self.seconds = time.perf_counter() - t_loop
         return self._finish(signum, out_of_time, ckpt_path)
 
     def _log_step(self, loss: torch.Tensor, grad_norm, lr: float, meter: "_Meter", bar) -> None:
-        train_loss = float(_all_reduce_mean(loss, self.d))
+        train_loss = float(all_reduce_mean(loss, self.d))
         steps, seconds = meter.read()
         tok_s = self.tokens_per_step * steps / max(seconds, 1e-9)
         self.metrics["train_loss"] = train_loss
@@ -749,7 +504,8 @@ class Trainer:
         return {"step": self.step, "train_loss": m.get("train_loss"), "val_loss": m.get("val_loss"),
                 "checkpoint": ckpt_path, "history": self.history, "interrupted": signum, "plot": m.get("plot"),
                 "n_params": self.n_params, "best_val_loss": m.get("best_val_loss"),
-                "tokens_per_step": self.tokens_per_step}
+                "tokens_per_step": self.tokens_per_step, "seconds": self.seconds,
+                "tokens": (self.step - self.start_step) * self.tokens_per_step, "val_tokens": self.val_tokens}
 
 
 class _Meter:
@@ -826,27 +582,6 @@ def _load_optimizer(raw, optimizer, sd, fsdp: bool) -> None:
 # command line
 # ---------------------------------------------------------------------------------------------
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", nargs="?", default=None,
-                   help="a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a .toml/.json file of "
-                        "TrainConfig fields")
-    for f in dataclasses.fields(TrainConfig):
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        if f.name == "out_dir":
-            names.insert(0, "--out")  # the run folder, named like every other command's output
-        bool_flag = f.type in (bool, "bool")
-        tp = typing.get_type_hints(TrainConfig)[f.name]
-        kind = next((a for a in typing.get_args(tp) if a is not type(None)), tp).__name__
-        p.add_argument(*names, dest=f.name, default=None, metavar="BOOL" if bool_flag else kind.upper(),
-                       nargs="?" if bool_flag else None, const="true" if bool_flag else None,
-                       help=f"{f.metadata.get('help', '')} (default {f.default!r})".lstrip())
-
-
-def config_from_args(args) -> TrainConfig:
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    return build_config(args.base, {k: getattr(args, k) for k in names if getattr(args, k, None) is not None})
-
-
 def run(args) -> int:
     cfg = config_from_args(args)
     out = train(cfg)
@@ -854,14 +589,8 @@ def run(args) -> int:
         vl = f", val loss {out['val_loss']:.4f}" if out.get("val_loss") is not None else ""
         print(f"gpt2-fast train: step {out['step']}, train loss {out['train_loss']:.4f}{vl}; "
               f"checkpoint {out['checkpoint']}", file=sys.stderr)
-    _finish_distributed()
+    finish_distributed()
     return {signal.SIGINT: 130, signal.SIGTERM: 143}.get(out["interrupted"], 0)
-
-
-def _finish_distributed() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def main(argv=None) -> int:
@@ -880,3 +609,4 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
