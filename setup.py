@@ -89,6 +89,7 @@ setup(
         "hf": ["transformers", "huggingface_hub"],
         "bench": ["pytest-benchmark", "matplotlib"],
         "dev": ["pytest", "transformers", "huggingface_hub", "pytest-benchmark", "matplotlib"],
+        "peers": ["onnxruntime", "onnx", "ctranslate2", "transformers"],  # bench/cpu_decode_peers.py
     },
     entry_points={"console_scripts": ["gpt2-fast=gpt2_fast.cli:main"]},
     ext_modules=ext_modules,
