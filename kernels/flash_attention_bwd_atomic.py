@@ -211,11 +211,15 @@ def _attn_bwd_dq_convert_kernel(DQacc, DQ, stride_dqb, stride_dqh, stride_dqm, s
 CONFIGS = tl_configs([(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 2), (32, 128, 8, 3)])
 FIXED = tl_configs([(32, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 2)])
 INTERP = tl_configs([(32, 64, 4, 1)])
-EXACT_FP32_CONFIG = triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4, num_stages=2)
+EXACT_FP32_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=2)  # 136 regs at D=64
 # the autotuner re-runs the kernel per config: DQacc is re-zeroed before each run and the final one
 _attn_bwd_atomic_tuned = tuned_kernel(_attn_bwd_atomic_kernel, "bwd_atomic", CONFIGS, FIXED, INTERP,
                                       EXACT_FP32_CONFIG, reset_to_zero=["DQacc"])
-_SMALL_BLOCK_M = 32 if INTERPRET else 64
+
+
+def small_block_m(esize: int) -> int:
+    """Rows per program of the delta / convert kernels (fp32 tiles of 64 rows spilled on sm_90)."""
+    return 32 if INTERPRET or esize == 4 else 64
 
 
 def attention_bwd_atomic(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, causal: bool,
@@ -230,11 +234,12 @@ def attention_bwd_atomic(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
     delta = poison.empty(B, H, Tq, dtype=torch.float32, device=q.device)
     dq_acc = poison.empty(B * H, Tq, BLOCK_D, dtype=torch.float32, device=q.device)
     prec = dot_precision(q.dtype)
-    grid_m = (triton.cdiv(Tq, _SMALL_BLOCK_M), B * H)
+    bm = small_block_m(q.element_size())
+    grid_m = (triton.cdiv(Tq, bm), B * H)
     with device_ctx(q):
         _attn_bwd_atomic_preprocess_kernel[grid_m](
             o, do, delta, dq_acc, *o.stride(), *do.stride(), H, Tq, D,
-            BLOCK_M=_SMALL_BLOCK_M, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D)
+            BLOCK_M=bm, BLOCK_D=BLOCK_D, EVEN_D=BLOCK_D == D)
         _attn_bwd_atomic_tuned[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)](
             q, k, v, do, lse, delta, dq_acc, dk, dv, seed if seed is not None else delta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
@@ -243,4 +248,4 @@ def attention_bwd_atomic(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor,
             EVEN_D=BLOCK_D == D, DOT_PREC=prec)
         _attn_bwd_dq_convert_kernel[grid_m](
             dq_acc, dq, *dq.stride(), H, Tq, D, float(scale),
-            BLOCK_M=_SMALL_BLOCK_M, BLOCK_D=BLOCK_D, DOT_PREC=prec)
+            BLOCK_M=bm, BLOCK_D=BLOCK_D, DOT_PREC=prec)

@@ -202,4 +202,5 @@ def _attn_fwd_pipelined_kernel(Q, K, V, O, LSE, Seed,
 CONFIGS = tl_configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)])
 FIXED = tl_configs([(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)])
 INTERP = tl_configs([(64, 32, 4, 1)])
-EXACT_FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+# exact fp32 (FMA dots) launches v1 on a GPU (flash_attention.attention_fwd): this one spilled there
+EXACT_FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=8, num_stages=2)

@@ -104,6 +104,11 @@ def attention_specs(D: int, dt: str = "bf16", causal: bool = True, dropout: bool
                 ("bwd_dkdv", fa._attention_bwd_dkdv_kernel, fa._DKDV_CONFIGS, fa._DKDV_FIXED),
                 ("bwd_dq", fa._attention_bwd_dq_kernel, fa._DQ_CONFIGS, fa._DQ_FIXED),
                 ("bwd_atomic", at._attn_bwd_atomic_kernel, at.CONFIGS, at.FIXED))
+    if dt == "fp32":  # exact fp32 (DOT_PREC "ieee") launches one config per kernel; pipelined falls back to v1
+        families = (("fwd", fa._attention_fwd_kernel, [], [fa._FWD_EXACT]),
+                    ("bwd_dkdv", fa._attention_bwd_dkdv_kernel, [], [fa._DKDV_EXACT]),
+                    ("bwd_dq", fa._attention_bwd_dq_kernel, [], [fa._DQ_EXACT]),
+                    ("bwd_atomic", at._attn_bwd_atomic_kernel, [], [at.EXACT_FP32_CONFIG]))
     out = []
     for family, fn, tuned, fixed in families:
         # with autotuning off only the first fixed config that fits is ever launched
@@ -119,10 +124,12 @@ def attention_specs(D: int, dt: str = "bf16", causal: bool = True, dropout: bool
             tag = " (fixed)" if (BM, BN, nw, ns) == first_fit else ""
             out.append((f"{fn.__name__} M{BM} N{BN} w{nw} s{ns}{tag}", fn, dict(base, BLOCK_M=BM, BLOCK_N=BN), nw,
                         ns, family, fits(family, BM, BN, BD, ns, esize)))
-    small = dict(BLOCK_D=BD, EVEN_D=BD == D, BLOCK_M=64)
-    for fn, const in ((fa._attention_bwd_preprocess_kernel, small), (at._attn_bwd_atomic_preprocess_kernel, small),
-                      (at._attn_bwd_dq_convert_kernel, dict(BLOCK_M=64, BLOCK_D=BD, DOT_PREC=base["DOT_PREC"]))):
-        out.append((f"{fn.__name__} M64 w4", fn, const, 4, 3, None, True))
+    bm = at.small_block_m(esize)
+    small = dict(BLOCK_D=BD, EVEN_D=BD == D)
+    for fn, const in ((fa._attention_bwd_preprocess_kernel, dict(small, BLOCK_M=64)),
+                      (at._attn_bwd_atomic_preprocess_kernel, dict(small, BLOCK_M=bm)),
+                      (at._attn_bwd_dq_convert_kernel, dict(BLOCK_M=bm, BLOCK_D=BD, DOT_PREC=base["DOT_PREC"]))):
+        out.append((f"{fn.__name__} M{const['BLOCK_M']} w4", fn, const, 4, 3, None, True))
     return out
 
 

@@ -345,6 +345,9 @@ def test_fixed_configs_fit_every_head_dim(fa):
                 if BD <= 128 and esize == 2:
                     assert sizes[0] <= SMEM_LIMIT, f"{family}: the first fixed config should serve D={BD}"
     assert smem_estimate("fwd", 128, 64, 256, 3, 2) == 262144  # the old fixed forward config at D=256
+    for family, c in (("fwd", fa._FWD_EXACT), ("bwd_dkdv", fa._DKDV_EXACT), ("bwd_dq", fa._DQ_EXACT),
+                      ("bwd_atomic", at.EXACT_FP32_CONFIG)):  # exact fp32: one config for every D
+        assert smem_estimate(family, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 256, c.num_stages, 4) <= SMEM_LIMIT
 
 
 def test_smem_pruner(fa):
