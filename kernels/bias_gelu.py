@@ -11,8 +11,11 @@ Design: 0.5(1 + tanh z) is evaluated as sigmoid(2z), which is exact at both tail
 tanh intrinsic (the interpreter and every Triton version have tl.sigmoid). The forward is one
 read of x (+ bias, cached) and one write of y over 2D tiles (BLOCK_M rows x BLOCK_N columns).
 The backward recomputes u from x and bias instead of saving it, writes dx, and for dbias runs a
-persistent grid over row tiles: each program keeps fp32 column partials in registers and stores
-them once into a (programs, N) buffer summed with torch afterwards (deterministic, no atomics).
+persistent grid over row tiles, as many programs as fit on the GPU at once (kernels/_occupancy.py,
+from the compiled kernel's registers and shared memory), each walking its tiles in a
+software-pipelined loop (tl.range num_stages=BWD_STAGES); each program keeps fp32 column partials
+in registers and stores them once into a (programs, N) buffer, summed and cast to bias's dtype by
+one more launch (kernels/_reduce.py; deterministic, no atomics).
 Dtypes: bias may differ from x (fp32 next to a 16-bit c_fc output under autocast): it is added in
 fp32; y and dx are in x's dtype, dbias in bias's. Autocast itself changes nothing here.
 """
@@ -26,8 +29,12 @@ from torch import Tensor
 from gpt2_fast import poison
 from gpt2_fast.reference import bias_gelu_ref
 
-from ._registry import check_float, check_same_device, launch, num_programs, rows_2d, triton_op
+from ._occupancy import resident_programs
+from ._reduce import sum_partials
+from ._registry import check_float, check_same_device, launch, rows_2d, triton_op
 from ._store import cast_for_store
+
+BWD_STAGES = 3  # software-pipelining depth of the backward's row-tile loop (tl.range num_stages)
 
 # ---------------------------------------------------------------------------------------------
 # kernels
@@ -61,6 +68,7 @@ def _bias_gelu_fwd_kernel(
 def _bias_gelu_bwd_kernel(
     X, B, DY, DX, DB, stride_x, stride_dy, stride_dx, M, N, tiles_per_program,
     HAS_BIAS: tl.constexpr, HAS_DB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -68,7 +76,7 @@ def _bias_gelu_bwd_kernel(
     if HAS_BIAS:
         b = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
     db_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(0, tiles_per_program):
+    for i in tl.range(0, tiles_per_program, num_stages=NUM_STAGES):  # loads of i+1.. in flight
         rows = (pid_m.to(tl.int64) * tiles_per_program + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask = (rows < M)[:, None] & col_mask[None, :]
         u = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -113,21 +121,25 @@ def bias_gelu_bwd(dy: Tensor, x: Tensor, bias: Optional[Tensor], need_db: bool) 
     M, N = x.shape
     dx = poison.empty((M, N), dtype=x.dtype, device=x.device)
     BLOCK_M, BLOCK_N, num_warps = _block_sizes(N, 8)
+    need_db = need_db and bias is not None
+    consts = dict(HAS_BIAS=bias is not None, HAS_DB=need_db, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                  NUM_STAGES=BWD_STAGES, num_warps=num_warps)
+
+    def args(tiles_per_program, db_part):
+        return (x, bias if bias is not None else x, dy, dx, db_part, x.stride(0), dy.stride(0),
+                dx.stride(0), M, N, tiles_per_program)
+
     col_blocks = triton.cdiv(N, BLOCK_N)
     tiles = triton.cdiv(M, BLOCK_M)
-    # enough programs to fill the machine, each walking a contiguous range of row tiles
-    row_programs = max(1, min(tiles, triton.cdiv(num_programs(x.device, per_sm=8), col_blocks)))
+    # as many programs as fit at once, each walking a contiguous range of row tiles
+    probe = poison.empty((1,), dtype=torch.float32, device=x.device)
+    fit = resident_programs(_bias_gelu_bwd_kernel, args(2, probe), consts, x.device)
+    row_programs = max(1, min(tiles, triton.cdiv(fit, col_blocks)))
     tiles_per_program = triton.cdiv(tiles, row_programs)
     row_programs = triton.cdiv(tiles, tiles_per_program)
-    need_db = need_db and bias is not None
     db_part = poison.empty((row_programs, N) if need_db else (0,), dtype=torch.float32, device=x.device)
-    launch(_bias_gelu_bwd_kernel)[(row_programs, col_blocks)](
-        x, bias if bias is not None else x, dy, dx, db_part, x.stride(0), dy.stride(0), dx.stride(0),
-        M, N, tiles_per_program,
-        HAS_BIAS=bias is not None, HAS_DB=need_db, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        num_warps=num_warps,
-    )
-    db = db_part.sum(0).to(bias.dtype) if need_db else db_part
+    launch(_bias_gelu_bwd_kernel)[(row_programs, col_blocks)](*args(tiles_per_program, db_part), **consts)
+    db = sum_partials(db_part, bias.dtype)[0] if need_db else db_part
     return dx, db
 
 

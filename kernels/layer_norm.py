@@ -20,9 +20,12 @@ two >= N, masked; N <= 8192), several rows per program for small widths so each 
 moves ~4K elements. The fused variant reads x and r once and writes s and y (the block's
 `x = x + attn(...); h = ln_2(x)`). mean and rstd (fp32, 8 bytes per row) are saved for the
 backward, which recomputes xhat from s instead of storing it. The backward runs a persistent
-grid: each program walks a contiguous range of row tiles, writes dx, and keeps dw/db partials in
-fp32 registers, stored once per program as a (programs, N) buffer and summed with torch
-afterwards: deterministic, no atomics, no locks.
+grid of as many programs as fit on the GPU at once (kernels/_occupancy.py: from the compiled
+kernel's registers and shared memory), each walking a contiguous range of row tiles in a
+software-pipelined loop (tl.range num_stages=BWD_STAGES: the next tiles' loads are issued before
+this tile's math), writing dx and keeping dw/db partials in fp32 registers, stored once per
+program as a (programs, N) buffer; one more launch (kernels/_reduce.py) sums dw and db and casts
+dw: deterministic, no atomics, no locks.
 """
 from typing import Optional
 
@@ -34,10 +37,13 @@ from torch import Tensor
 from gpt2_fast import poison
 from gpt2_fast.reference import add_layer_norm_ref, layer_norm_out_dtype, layer_norm_ref
 
-from ._registry import check_float, check_same_device, launch, num_programs, rows_2d, triton_op
+from ._occupancy import resident_programs
+from ._reduce import sum_partials
+from ._registry import check_float, check_same_device, launch, rows_2d, triton_op
 from ._store import cast_for_store
 
 MAX_WIDTH = 8192
+BWD_STAGES = 2  # software-pipelining depth of the backward's row-tile loop (tl.range num_stages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +91,7 @@ def _layer_norm_bwd_kernel(
     stride_x, stride_dy, stride_ds, stride_dx,
     M, N, tiles_per_program,
     HAS_DS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_DW: tl.constexpr, HAS_DB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -94,7 +100,7 @@ def _layer_norm_bwd_kernel(
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for i in range(0, tiles_per_program):
+    for i in tl.range(0, tiles_per_program, num_stages=NUM_STAGES):  # loads of i+1.. in flight
         tile = pid.to(tl.int64) * tiles_per_program + i
         rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < M
@@ -173,23 +179,34 @@ def layer_norm_bwd(dy: Tensor, ds: Optional[Tensor], x: Tensor, weight: Optional
     M, N = x.shape
     dx = poison.empty((M, N), dtype=x.dtype, device=x.device)
     BLOCK_M, BLOCK_N, num_warps = _block_sizes(N, 2048, 8)
-    tiles = triton.cdiv(M, BLOCK_M)
-    programs = max(1, min(tiles, num_programs(x.device, per_sm=8)))
-    tiles_per_program = triton.cdiv(tiles, programs)
-    programs = triton.cdiv(tiles, tiles_per_program)
     need_dw = need_dw and weight is not None
+    consts = dict(HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_DW=need_dw,
+                  HAS_DB=need_db, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=BWD_STAGES,
+                  num_warps=num_warps)
+
+    def args(tiles_per_program, dw_part, db_part):
+        return (x, weight if weight is not None else x, mean, rstd, dy, ds if ds is not None else dy,
+                dx, dw_part, db_part,
+                x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
+                M, N, tiles_per_program)
+
+    tiles = triton.cdiv(M, BLOCK_M)
+    probe = mean[:1]  # stands in for the fp32 partial buffers while the kernel is sized
+    fit = resident_programs(_layer_norm_bwd_kernel, args(2, probe, probe), consts, x.device)
+    tiles_per_program = triton.cdiv(tiles, max(1, min(tiles, fit)))
+    programs = triton.cdiv(tiles, tiles_per_program)
     dw_part = poison.empty((programs, N) if need_dw else _EMPTY, dtype=torch.float32, device=x.device)
     db_part = poison.empty((programs, N) if need_db else _EMPTY, dtype=torch.float32, device=x.device)
-    launch(_layer_norm_bwd_kernel)[(programs,)](
-        x, weight if weight is not None else x, mean, rstd, dy, ds if ds is not None else dy,
-        dx, dw_part, db_part,
-        x.stride(0), dy.stride(0), ds.stride(0) if ds is not None else 0, dx.stride(0),
-        M, N, tiles_per_program,
-        HAS_DS=ds is not None, HAS_WEIGHT=weight is not None, HAS_DW=need_dw, HAS_DB=need_db,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_warps=num_warps,
-    )
-    dw = dw_part.sum(0).to(weight.dtype) if need_dw else dw_part
-    db = db_part.sum(0) if need_db else db_part  # fp32: the caller casts to bias's dtype
+    launch(_layer_norm_bwd_kernel)[(programs,)](*args(tiles_per_program, dw_part, db_part), **consts)
+    # db stays fp32: the caller casts to bias's dtype
+    if need_dw and need_db:
+        dw, db = sum_partials(dw_part, weight.dtype, db_part, torch.float32)
+    elif need_dw:
+        dw, db = sum_partials(dw_part, weight.dtype)[0], db_part
+    elif need_db:
+        dw, db = dw_part, sum_partials(db_part, torch.float32)[0]
+    else:
+        dw, db = dw_part, db_part
     return dx, dw, db
 
 

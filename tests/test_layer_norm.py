@@ -195,3 +195,70 @@ def test_torch_compile_traces(ln):
     out = f(x, r)
     torch.testing.assert_close(out, add_layer_norm_ref(x, r, w, b, 1e-5)[1].sum(), atol=1e-3, rtol=1e-4)
     out.backward()
+
+
+# ---- the dW/dB partials summed in one launch (kernels/_reduce.py), persistent-grid sizing ----
+
+@pytest.mark.parametrize("P,N", [(1, 1), (3, 257), (33, 768), (5, 1600)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_partials_matches_torch_and_is_deterministic(device, P, N, dtype):
+    _skip_unless_triton(device)
+    from gpt2_fast.kernels._reduce import sum_partials
+    a = torch.randn(P, N, device=device)
+    b = torch.randn(P, N, device=device) * 100
+    s0, s1 = sum_partials(a, dtype, b, torch.float32)
+    assert s0.dtype == dtype and s1.dtype == torch.float32 and s0.shape == s1.shape == (N,)
+    torch.testing.assert_close(s0, a.double().sum(0).to(dtype), atol=1e-4 * P, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    torch.testing.assert_close(s1.double(), b.double().sum(0), atol=1e-3 * P, rtol=1e-5)
+    again0, again1 = sum_partials(a, dtype, b, torch.float32)
+    assert torch.equal(s0, again0) and torch.equal(s1, again1)          # bit-for-bit
+    only, none = sum_partials(b, torch.float32)
+    assert none is None and torch.equal(only, s1)
+
+
+def _count_launches(monkeypatch, *modules):
+    """Patch `launch` in each module to count kernel launches by kernel name."""
+    counts = {}
+    for m in modules:
+        real = m.launch
+
+        def counting(kernel, real=real):
+            name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
+            counts[name] = counts.get(name, 0) + 1
+            return real(kernel)
+        monkeypatch.setattr(m, "launch", counting)
+    return counts
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_backward_is_two_launches(ln, device, monkeypatch, residual):
+    """The backward kernel plus ONE reduce launch for dw and db together (no torch sums)."""
+    from gpt2_fast.kernels import _reduce
+    x = torch.randn(37, 96, device=device, requires_grad=True)
+    r = torch.randn(37, 96, device=device, requires_grad=True) if residual else None
+    w, b = _params(96, torch.float32, device)
+    if residual:
+        s, y = ln.add_layer_norm(x, r, w, b)
+        loss = (y * torch.randn_like(y)).sum() + (s * torch.randn_like(s)).sum()
+    else:
+        loss = (ln.layer_norm(x, w, b) * torch.randn(37, 96, device=device)).sum()
+    counts = _count_launches(monkeypatch, ln, _reduce)
+    loss.backward()
+    names = {k.split(".")[-1] for k in counts}
+    assert sum(counts.values()) == 2 and names == {"_layer_norm_bwd_kernel", "_sum_partials_kernel"}, counts
+    assert w.grad is not None and b.grad is not None and x.grad is not None
+
+
+def test_ctas_per_sm_follows_the_occupancy_rules():
+    from gpt2_fast.kernels._occupancy import ctas_per_sm
+    assert ctas_per_sm(96, 16408, 8) == 2        # registers: 96*32 per warp -> 21 warps -> 2 CTAs of 8
+    assert ctas_per_sm(79, 0, 8) == 3            # 79 -> 80 regs: 25 warps -> 3 CTAs
+    assert ctas_per_sm(32, 0, 4) == 16           # threads: 2048 / 128
+    assert ctas_per_sm(16, 0, 1) == 32           # the 32-blocks-per-SM cap
+    assert ctas_per_sm(40, 100 * 1024, 4) == 2   # shared memory: 228 KB / (100 KB + 1 KB)
+    assert ctas_per_sm(255, 0, 16) == 1          # never 0
+
+
+def test_resident_programs_off_cuda_is_the_fixed_fallback(device):
+    from gpt2_fast.kernels._occupancy import resident_programs
+    assert resident_programs(object(), (), {}, torch.device("cpu"), cpu=4) == 4
