@@ -11,18 +11,22 @@ the backward kernel recomputes softmax from the saved logits and lse. The logits
 (the model returns them), so they are never overwritten.
 
 lm_head_cross_entropy(hidden, weight, targets): logits = hidden @ weight[:V].T is never
-materialized whole. Rows are processed in chunks sized from a memory budget (CHUNK_BYTES of
+materialized whole. The GEMMs use ALL rows of the (padded) weight, V_pad = weight.shape[0]
+(GPTConfig.embedding_rows = 50304 for GPT-2's 50257: a 64-aligned leading dimension, so cuBLAS
+can use its TMA kernels and the CE kernel's rows start 16-byte aligned), and the CE kernel
+treats the logits of columns >= V as -inf: they add 0 to the softmax and get a gradient of
+exactly 0, so grad_W of the padded rows is exactly 0 (0 * hidden). Rows are processed in chunks sized from a memory budget (CHUNK_BYTES of
 logits per chunk); for each chunk cuBLAS computes the logits, the same forward kernel computes
 loss and lse and, when a gradient is needed, overwrites the chunk's logits with dlogits (scaled
 by 1/n, the scale read from device memory, so no host sync), and then
-    grad_hidden[chunk]  = dlogits @ W[:V]
-    grad_W[:V]         += dlogits^T @ hidden[chunk]      (accumulated in fp32)
+    grad_hidden[chunk]  = dlogits @ W                    (padded columns of dlogits are 0)
+    grad_W             += dlogits^T @ hidden[chunk]      (accumulated in fp32)
 so the backward only scales the saved gradients by dloss (Liger's fused_linear_cross_entropy
 does the same). The matmuls run in reference.matmul_dtype(hidden, weight), the autocast dtype
 under autocast (hidden and weight cast to it, the weight once per call); grad_W is accumulated
 in fp32 without rounding each chunk's product to 16 bits (on CUDA cuBLAS writes the fp32 product
 of the 16-bit operands, torch.mm(out_dtype=float32); elsewhere the operands are widened first).
-Rows of W at or past vocab_size (a padded vocabulary) get zero gradient. Peak extra memory is
+Rows of W at or past vocab_size (a padded vocabulary) get exactly zero gradient. Peak extra memory is
 one logits chunk plus the fp32 grad_W accumulator, instead of the (N, V) logits, their fp32 copy
 and their gradient.
 """
@@ -49,12 +53,15 @@ _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _ce_grad_row(Src, Dst, target, lse, scale, V, BLOCK_V: tl.constexpr):
-    """Dst[j] = scale * (exp(Src[j] - lse) - [j == target]) for j < V (Dst may be Src)."""
-    for start in range(0, V, BLOCK_V):
+def _ce_grad_row(Src, Dst, target, lse, scale, V, V_ROW, BLOCK_V: tl.constexpr):
+    """Dst[j] = scale * (exp(Src[j] - lse) - [j == target]) for j < V, 0 for V <= j < V_ROW (the
+    padded vocabulary); Dst may be Src. Loads and stores are masked on V_ROW only: when V_ROW is
+    a multiple of 16 Triton knows the mask is constant over 16 columns and vectorises them."""
+    for start in range(0, V_ROW, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < V
+        mask = cols < V_ROW
         x = tl.load(Src + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(cols < V, x, float("-inf"))                        # padded: exp -> 0
         g = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * scale
         tl.store(Dst + cols, cast_for_store(g, Dst), mask=mask)
 
@@ -62,19 +69,21 @@ def _ce_grad_row(Src, Dst, target, lse, scale, V, BLOCK_V: tl.constexpr):
 @triton.jit
 def _cross_entropy_fwd_kernel(
     Logits, Targets, Loss, Lse, NValid,
-    stride_l, row_start, V, ignore_index,
+    stride_l, row_start, V, V_ROW, ignore_index,
     COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # Logits holds rows row_start.. of the problem (a chunk); Targets, Loss, Lse are full-size
+    # Logits holds rows row_start.. of the problem (a chunk); Targets, Loss, Lse are full-size.
+    # A row has V_ROW >= V logits; those at V.. (a padded vocabulary) are taken as -inf.
     pid = tl.program_id(0).to(tl.int64)
     row = row_start + pid
     src = Logits + pid * stride_l
     target = tl.load(Targets + row)
     m = float("-inf")
     d = 0.0
-    for start in range(0, V, BLOCK_V):
+    for start in range(0, V_ROW, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(src + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        x = tl.load(src + cols, mask=cols < V_ROW, other=float("-inf")).to(tl.float32)
+        x = tl.where(cols < V, x, float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
@@ -86,7 +95,7 @@ def _cross_entropy_fwd_kernel(
     tl.store(Lse + row, lse)
     if COMPUTE_GRAD:  # dlogits of the mean loss, written over this row's logits
         scale = tl.where(valid, 1.0 / tl.load(NValid), 0.0)
-        _ce_grad_row(src, src, target, lse, scale, V, BLOCK_V)
+        _ce_grad_row(src, src, target, lse, scale, V, V_ROW, BLOCK_V)
 
 
 @triton.jit
@@ -99,7 +108,7 @@ def _cross_entropy_bwd_kernel(
     target = tl.load(Targets + row)
     lse = tl.load(Lse + row)
     scale = tl.where(target != ignore_index, tl.load(DLoss).to(tl.float32) / tl.load(NValid), 0.0)
-    _ce_grad_row(Logits + row * stride_l, DLogits + row * stride_dl, target, lse, scale, V, BLOCK_V)
+    _ce_grad_row(Logits + row * stride_l, DLogits + row * stride_dl, target, lse, scale, V, V, BLOCK_V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +129,7 @@ def cross_entropy_fwd(logits: Tensor, targets: Tensor, ignore_index: int) -> tup
     n_valid = (targets != ignore_index).sum().to(torch.float32)
     BLOCK_V, num_warps = _block_v(V)
     launch(_cross_entropy_fwd_kernel)[(N,)](
-        logits, targets, loss_rows, lse, n_valid, logits.stride(0), 0, V, ignore_index,
+        logits, targets, loss_rows, lse, n_valid, logits.stride(0), 0, V, V, ignore_index,
         COMPUTE_GRAD=False, BLOCK_V=BLOCK_V, num_warps=num_warps,
     )
     return loss_rows.sum() / n_valid, lse, n_valid
@@ -167,8 +176,8 @@ def lm_head_cross_entropy_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, i
     dloss/dhidden (N, C) in hidden's dtype or empty, dloss/dweight (V_padded, C) in weight's
     dtype or empty). The matmuls run in compute_dtype."""
     N, C = hidden.shape
-    V = vocab_size
-    w = weight[:V].to(compute_dtype)                                        # (V, C)
+    V, V_pad = vocab_size, weight.shape[0]
+    w = weight.to(compute_dtype)                                            # (V_pad, C), all rows
     dev = hidden.device
     loss_rows = poison.empty((N,), dtype=torch.float32, device=dev)
     lse = poison.empty((N,), dtype=torch.float32, device=dev)
@@ -176,24 +185,24 @@ def lm_head_cross_entropy_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, i
     dhidden = poison.empty((N, C) if need_dhidden else (0,), dtype=hidden.dtype, device=dev)
     dweight32 = torch.zeros((weight.shape[0], C) if need_dweight else (0,), dtype=torch.float32,
                             device=dev)
-    chunk = chunk_rows if chunk_rows > 0 else _chunk_rows(N, V, compute_dtype.itemsize)
-    BLOCK_V, num_warps = _block_v(V)
+    chunk = chunk_rows if chunk_rows > 0 else _chunk_rows(N, V_pad, compute_dtype.itemsize)
+    BLOCK_V, num_warps = _block_v(V_pad)
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
         h = hidden[start:end].to(compute_dtype)                             # (rows, C)
-        logits = torch.matmul(h, w.t())                                     # (rows, V)
+        logits = torch.matmul(h, w.t())                                     # (rows, V_pad)
         launch(_cross_entropy_fwd_kernel)[(end - start,)](
-            logits, targets, loss_rows, lse, n_valid, logits.stride(0), start, V, ignore_index,
+            logits, targets, loss_rows, lse, n_valid, logits.stride(0), start, V, V_pad, ignore_index,
             COMPUTE_GRAD=need_dhidden or need_dweight, BLOCK_V=BLOCK_V, num_warps=num_warps,
         )
-        # logits now holds dloss/dlogits for these rows
+        # logits now holds dloss/dlogits for these rows, exactly 0 in the padded columns
         if need_dhidden:
             if dhidden.dtype == logits.dtype:
                 torch.matmul(logits, w, out=dhidden[start:end])
             else:  # fp32 hidden under autocast: the 16-bit product, widened as autocast would
                 dhidden[start:end].copy_(torch.matmul(logits, w))
         if need_dweight:
-            _add_mm_fp32(dweight32[:V], logits.t(), h)
+            _add_mm_fp32(dweight32, logits.t(), h)                          # padded rows: 0
     dweight = dweight32.to(weight.dtype) if need_dweight else dweight32
     return loss_rows.sum() / n_valid, dhidden, dweight
 

@@ -188,3 +188,42 @@ def test_torch_compile_traces(ce):
     g = torch.compile(lambda x, t: ce.softmax_cross_entropy(x, t), fullgraph=True)
     x = torch.randn(64, 1000, device="cuda", requires_grad=True)
     torch.testing.assert_close(g(x, t[:64]), softmax_cross_entropy_ref(x, t[:64]))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,C,V,Vp,chunk", [(1, 8, 1, 16, 0), (3, 40, 257, 320, 2), (37, 64, 100, 128, 16)])
+def test_lm_head_padded_vocab_masked(ce, device, monkeypatch, N, C, V, Vp, chunk, dtype):
+    """The GEMMs run over all Vp rows (aligned row stride of the logits chunk); the padded rows'
+    logits (made huge here, so any leak into the softmax shows) are -inf inside the CE kernel:
+    the loss equals the one over weight[:V] and the padded rows get exactly zero gradient."""
+    seen = []
+    real = ce.launch
+
+    def spy(kernel):
+        run = real(kernel)
+
+        def grid(g):
+            def call(*args, **kw):
+                seen.append((args[0].shape, args[0].stride(0), args[7], args[8]))  # logits, V, V_ROW
+                return run[g](*args, **kw)
+            return call
+        return type("Spy", (), {"__getitem__": lambda self, g: grid(g)})()
+    monkeypatch.setattr(ce, "launch", spy)
+    h = torch.randn(N, C, device=device).to(dtype).requires_grad_()
+    w = 0.3 * torch.randn(Vp, C, device=device)
+    w[V:] = 50.0 * h.detach().float().mean(0).sign()       # padded rows: logits >> the real ones
+    w = w.to(dtype).requires_grad_()
+    t = _targets(N, V, device, n_ignored=0)
+    loss = ce.lm_head_cross_entropy(h, w, t, -100, V, chunk_rows=chunk)
+    assert seen and all(shape[1] == Vp and stride == Vp and v == V and v_row == Vp
+                        for shape, stride, v, v_row in seen), seen
+    loss_lo = lm_head_cross_entropy_ref(h, w, t, -100, V)
+    hh, wh = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    loss_hi = lm_head_cross_entropy_ref(hh, wh, t, -100, V, upcast=True)
+    assert_close_to_ref(loss, loss_hi, loss_lo, "loss")
+    dh, dw = torch.autograd.grad(loss, [h, w])
+    dh_lo, dw_lo = torch.autograd.grad(loss_lo, [h, w])
+    dh_hi, dw_hi = torch.autograd.grad(loss_hi, [hh, wh])
+    assert_close(dh, dh_hi, dh_lo, "dhidden")
+    assert_close(dw, dw_hi, dw_lo, "dweight")
+    assert torch.equal(dw[V:], torch.zeros_like(dw[V:])), "padded rows must get exactly zero gradient"
