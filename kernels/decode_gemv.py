@@ -297,12 +297,13 @@ def _bf16_interp(t: torch.Tensor) -> bool:
 def gemv_blocks(M: int, N: int, K: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). GPU: 8-16 columns per program (gpt2's 768-wide
     projections -> 96 programs), 128 K per chunk (16 B per thread-load for 16-bit weights),
-    the 3-D product tile BLOCK_M x BLOCK_N x BLOCK_K <= 8192 fp32. Interpreter: few, big programs."""
+    the 3-D product tile BLOCK_M x BLOCK_N x BLOCK_K <= 4096 fp32 (8192 spills at M 4 x N 16). Interpreter: few, big programs."""
     bm = min(triton.next_power_of_2(max(M, 1)), 4 if not INTERPRET else 16)
-    if INTERPRET:
-        return bm, min(triton.next_power_of_2(N), 128), min(triton.next_power_of_2(K), 128), 4
+    if INTERPRET:  # its cost is per program and per op, not per element: wide tiles
+        bn = min(triton.next_power_of_2(N), 1024)
+        return bm, bn, min(triton.next_power_of_2(K), max(16, (1 << 20) // (bm * bn))), 4
     bn = 8 if N <= 1024 else 16
-    bk = max(32, min(128, 8192 // (bm * bn)))
+    bk = max(32, min(128, 4096 // (bm * bn)))
     return bm, bn, bk, 4
 
 

@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-RADIX_BITS = 8 if INTERPRET else 4   # interpreter: fewer, wider passes (its cost is per op)
 
 
 @triton.jit
@@ -80,7 +79,7 @@ def _radix_threshold(Row, V, inv_t, mx, floor, target, MASS: tl.constexpr, BLOCK
     digits = tl.arange(0, R).to(tl.uint32)
     prefix = tl.zeros([1], dtype=tl.uint32)
     for p in tl.static_range(32 // RADIX_BITS):
-        shift: tl.constexpr = 32 - RADIX_BITS * (p + 1)
+        shift = 32 - RADIX_BITS * (p + 1)
         cand = prefix | (digits << shift)                                         # (R,)
         f = tl.zeros([R], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
@@ -163,10 +162,12 @@ def _sample_kernel(Logits, stride_lm, V, Temperature, TopP, Seed, Counter, top_k
 # Host launcher
 # =============================================================================================
 
-def _block_v(V: int) -> tuple[int, int]:
+def _block_v(V: int) -> tuple[int, int, int]:
+    """(BLOCK_V, num_warps, RADIX_BITS): 4-bit digits (8 passes of 16 candidates); under the
+    interpreter, whose cost is per op, 8-bit digits (4 passes of 256) for small vocabularies."""
     if INTERPRET:
-        return min(triton.next_power_of_2(V), 4096), 4
-    return min(triton.next_power_of_2(V), 1024), 8
+        return min(triton.next_power_of_2(V), 4096), 4, 8 if V <= 4096 else 4
+    return min(triton.next_power_of_2(V), 1024), 8, 4
 
 
 def sample(logits, greedy: bool, top_k, use_top_p: bool, temperature, top_p, seed, counter,
@@ -175,7 +176,7 @@ def sample(logits, greedy: bool, top_k, use_top_p: bool, temperature, top_p, see
     top_p (1,) fp32; seed, counter (1,) int64 device tensors; top_k an int or None.
     Returns out (B,) int64, or with step = (seq, pos, done, stop, eot) writes the step buffers."""
     B, V = logits.shape
-    BLOCK_V, nw = _block_v(V)
+    BLOCK_V, nw, radix_bits = _block_v(V)
     if step is None:
         out = torch.empty(B, dtype=torch.int64, device=logits.device) if out is None else out
         seq, pos, done, stop, eot = out, counter, out, out, 0
@@ -185,5 +186,5 @@ def sample(logits, greedy: bool, top_k, use_top_p: bool, temperature, top_p, see
         logits, logits.stride(0), V, temperature, top_p, seed, counter, int(top_k or 0),
         out if out is not None else seq, seq, seq.stride(0), pos, done, stop, int(eot),
         GREEDY=bool(greedy), TOP_K=top_k is not None and not greedy, TOP_P=bool(use_top_p) and not greedy,
-        STEP=step is not None, BLOCK_V=BLOCK_V, RADIX_BITS=RADIX_BITS, num_warps=nw)
+        STEP=step is not None, BLOCK_V=BLOCK_V, RADIX_BITS=radix_bits, num_warps=nw)
     return out

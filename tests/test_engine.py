@@ -210,12 +210,13 @@ def test_exponential_noise_is_exp1_and_depends_on_every_input():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("step", ["unfused", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_replay_equals_eager(dtype):
+def test_cuda_graph_replay_equals_eager(dtype, step):
     model = make_model("cuda").to(dtype)
     prompts = random_prompts([3, 11, 1], seed=8)
-    graph = Engine(model, cuda_graph=True)
-    eager = Engine(model, cuda_graph=False)
+    graph = Engine(model, cuda_graph=True, decode_step=step)
+    eager = Engine(model, cuda_graph=False, decode_step=step)
     for kw in (dict(temperature=0), dict(temperature=0.8, top_k=100, top_p=0.9, seed=3)):
         a = run(graph, prompts, 12, **kw)
         b = run(eager, prompts, 12, **kw)
@@ -225,3 +226,33 @@ def test_cuda_graph_replay_equals_eager(dtype):
     if dtype == torch.float32:
         for p, row in zip(prompts, run(graph, prompts, 12, temperature=0)):
             assert row == greedy_by_full_forward(model, p, 12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile reduce-overhead needs a GPU")
+@pytest.mark.parametrize("step", ["unfused", "fused"])
+def test_compile_runner_equals_graph(monkeypatch, step):
+    """decode_runner "compile" (GPT2_FAST_DECODE_RUNNER): the same tokens as the CUDA graph."""
+    model = make_model("cuda").to(torch.bfloat16)
+    prompts = random_prompts([3, 11, 1], seed=8)
+    kw = dict(temperature=0.8, top_k=100, top_p=0.9, seed=3)
+    want = run(Engine(model, decode_step=step), prompts, 10, **kw)
+    monkeypatch.setenv("GPT2_FAST_DECODE_RUNNER", "compile")
+    engine = Engine(model, decode_step=step)
+    assert engine.decode_runner == "compile"
+    assert run(engine, prompts, 10, **kw) == want
+
+
+def test_compile_runner_needs_cuda(monkeypatch, cpu_model):
+    from gpt2_fast.decode_fused import compiled_runner
+    with pytest.raises(NotImplementedError, match="GPT2_FAST_DECODE_RUNNER=compile needs CUDA"):
+        compiled_runner(lambda: None, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("step", [pytest.param("unfused", marks=pytest.mark.slow), "fused"])
+def test_step_reads_nothing_on_the_host(step):
+    """Graph safety on any device: the decode step dispatches no item()/bool() of a tensor."""
+    from gpt2_fast.benchmarks.op_count import count_step
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=97, block_size=16)).eval()
+    for sampling in ("greedy", "sample"):
+        assert count_step(model, step, sampling, batch=2).host_reads == {}, (step, sampling)

@@ -115,3 +115,16 @@ def test_equals_greedy_on_cuda(target):
     prompt = list(range(50, 60))
     res = speculative_generate(t, d, prompt, max_new_tokens=24, k=4, stop_at_eot=False)
     assert res.tokens[0] == greedy(t, prompt, 24)
+
+
+@pytest.mark.slow
+def test_fused_draft_step_equals_greedy(monkeypatch):
+    """The draft's decode steps run the fused step (GPT2_FAST_DECODE_STEP=fused): same output."""
+    monkeypatch.setenv("GPT2_FAST_DECODE_STEP", "fused")
+    t = make_model("cpu", 0, n_layer=2, n_embd=32, n_head=2, block_size=48)
+    d = make_model("cpu", 7, n_layer=1, n_embd=32, n_head=2, block_size=48)
+    prompt = list(range(50, 55))
+    res = speculative_generate(t, d, prompt, max_new_tokens=7, k=3, stop_at_eot=False)
+    assert get_engine(d).step_kind == "fused"
+    monkeypatch.setenv("GPT2_FAST_DECODE_STEP", "unfused")
+    assert res.tokens[0] == greedy_by_full_forward(t, prompt, 7)

@@ -138,13 +138,27 @@ def _depth(model, n: Optional[int]) -> Iterator[None]:
             model.clear_cache()
 
 
+@contextlib.contextmanager
+def _gpu_path() -> Iterator[None]:
+    """The engine's module-by-module step on CPU too (what "unfused" runs on a GPU), not the CPU
+    engine's one-call C++ forward (gpt2_fast/cpu_decode.py, off with GPT2_FAST_CPU_FUSED=0)."""
+    import os
+    saved = os.environ.get("GPT2_FAST_CPU_FUSED")
+    os.environ["GPT2_FAST_CPU_FUSED"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("GPT2_FAST_CPU_FUSED") if saved is None else os.environ.__setitem__("GPT2_FAST_CPU_FUSED", saved)
+
+
 def count_step(model, step: str = "unfused", sampling: str = "greedy", batch: int = 1,
                prompt_len: int = 4, depth: Optional[int] = None) -> OpCounts:
-    """The launches of one eager decode step of the engine (what a CUDA graph would capture)."""
+    """The launches of one eager decode step of the engine (what a CUDA graph would capture),
+    with the GPU's steps on any device."""
     from ..engine import Engine, SamplingMode
     kw = SAMPLING[sampling]
     cfg = model.config
-    with _depth(model, depth), torch.inference_mode():
+    with _depth(model, depth), _gpu_path(), torch.inference_mode():
         engine = Engine(model, cuda_graph=False, decode_step=step)
         g = torch.Generator().manual_seed(0)
         prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=g).tolist()
