@@ -11,7 +11,8 @@ exposes functions with the reference signatures (gpt2_fast/reference.py, without
 A backend that does not implement an op (for example cpp has no fused cross-entropy) falls back
 to torch for that op. The choice is `GPTConfig.backend` ("auto" by default); the environment
 variable GPT2_FAST_BACKEND, when set, overrides it everywhere. "auto" picks, per device, the
-first usable backend of AUTO_ORDER[device type] that implements the op.
+first usable backend of AUTO_ORDER[device type] that implements the op, after the backend a
+committed GPU measurement chose for it (OP_CHOICE_FILES: bench/results/cuda-op-choice.json).
 
 Dispatch is decided once, outside traced code: `dispatch(backend)` returns a `Kernels` whose
 per-device tables of functions are resolved when it is made (GPT2_FAST_BACKEND and the
@@ -35,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .choices import choice
+from .choices import CHOICES, choice
 
 OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "attention", "decode_attention",
        "softmax_cross_entropy", "lm_head_cross_entropy")
@@ -54,6 +55,42 @@ AUTO_ORDER = {
     "cuda": ("triton", "cuda", "torch"),
     "cpu": ("cpp", "torch"),
 }
+
+# "auto" first honours a committed table of GPU measurements, per device type, read once:
+# {op or "attention_bwd": {"backend": name, "measured": "bench/results/<file>" or null}}. Only
+# entries with a "measured" file count (null = today's default, written down); a measured backend
+# that cannot run here falls back to AUTO_ORDER. "attention" may name "sdpa" (torch SDPA forward
+# and backward: cuDNN / flash on Hopper); "attention_bwd" names a side of choices.py's
+# attention_bwd (triton_det | triton_atomic | sdpa) for our Triton attention, unless
+# GPT2_FAST_ATTN_BWD forces one.
+OP_CHOICE_FILES = {
+    "cuda": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "bench", "results", "cuda-op-choice.json"),
+}
+_TABLE_SIDES = {"attention": ("triton", "cuda", "torch", "sdpa"),
+                "attention_bwd": ("triton_det", "triton_atomic", "sdpa")}
+
+
+@functools.lru_cache(maxsize=None)
+def measured_choices(device_type: str) -> dict:
+    """{op: backend} of the measured entries of OP_CHOICE_FILES[device_type] ({} without one)."""
+    path = OP_CHOICE_FILES.get(device_type)
+    if not path or not os.path.isfile(path):
+        return {}
+    import json
+    with open(path) as f:
+        table = json.load(f)
+    out = {}
+    for op, entry in table.items():
+        if op.startswith("_"):
+            continue  # comments
+        sides = _TABLE_SIDES.get(op, tuple(BACKEND_MODULES) if op in OPS else None)
+        if sides is None or not isinstance(entry, dict) or entry.get("backend") not in sides:
+            raise ValueError(f"{path}: entry {op!r} must be an op of {OPS} or attention_bwd with "
+                             f'"backend" one of {sides}; got {entry!r}')
+        if entry.get("measured"):
+            out[op] = entry["backend"]
+    return out
 
 
 class BackendUnavailable(RuntimeError):
@@ -123,12 +160,18 @@ def resolve(op: str, backend: str, device_type: str) -> tuple[str, Callable]:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
     if backend == "auto":
-        for name in AUTO_ORDER.get(device_type, ("torch",)):
+        measured = measured_choices(device_type).get(op)
+        if measured == "sdpa":  # only "attention" may name it; GPT2_FAST_ATTN_FWD, when set, wins
+            if not os.environ.get(CHOICES["attention_fwd"].env):
+                return "sdpa", sdpa_attention
+            measured = None
+        order = AUTO_ORDER.get(device_type, ("torch",))
+        for name in ((measured,) if measured else ()) + order:
             try:
                 mod = _backend_module(name, device_type)
             except BackendUnavailable:
                 continue
-            if name == "cpp" and op not in getattr(mod, "CPU_AUTO_OPS", ()):
+            if name == "cpp" and name != measured and op not in getattr(mod, "CPU_AUTO_OPS", ()):
                 continue
             fn = _lookup(mod, name, op, device_type)
             if fn is not None:
@@ -188,6 +231,10 @@ def _resolve_table(backend: str, device_type: str, attention_fwd: str) -> tuple[
             names[op], fns[op] = "unavailable", _Unavailable(str(e))
     if device_type == "cuda" and names["attention"] == "triton" and attention_fwd == "sdpa":
         names["attention"], fns["attention"] = "sdpa", sdpa_attention
+    bwd = measured_choices(device_type).get("attention_bwd") if backend == "auto" else None
+    if bwd and names["attention"] == "triton" and not os.environ.get(CHOICES["attention_bwd"].env):
+        # the measured side, set once before anything is traced (the kernel reads this constant)
+        importlib.import_module("gpt2_fast.kernels.flash_attention").BWD_VARIANT = bwd
     return fns, names
 
 
