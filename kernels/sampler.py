@@ -65,13 +65,17 @@ def _unkey(k):
 
 
 @triton.jit
-def _load_scaled(Row, offs, V, inv_t):
+def _load_scaled(Row, offs, V, temp, SCALE: tl.constexpr = True):
+    """(l = logits / temp with torch's IEEE division, -inf past V; mask)."""
     mask = offs < V
-    return tl.where(mask, tl.load(Row + offs, mask=mask, other=0.0).to(tl.float32) * inv_t, float("-inf")), mask
+    x = tl.load(Row + offs, mask=mask, other=0.0).to(tl.float32)
+    if SCALE:
+        x = tl.math.div_rn(x, tl.zeros_like(x) + temp)
+    return tl.where(mask, x, float("-inf")), mask
 
 
 @triton.jit
-def _radix_threshold(Row, V, inv_t, mx, floor, target, MASS: tl.constexpr, BLOCK_V: tl.constexpr,
+def _radix_threshold(Row, V, temp, mx, floor, target, MASS: tl.constexpr, BLOCK_V: tl.constexpr,
                      RADIX_BITS: tl.constexpr):
     """The largest fp32 t with F(t) = sum_{l_i >= max(t, floor)} w_i >= target, w_i = 1
     (MASS False) or exp(l_i - mx). Returns t (or the smallest value when no t reaches it)."""
@@ -83,7 +87,7 @@ def _radix_threshold(Row, V, inv_t, mx, floor, target, MASS: tl.constexpr, BLOCK
         cand = prefix | (digits << shift)                                         # (R,)
         f = tl.zeros([R], dtype=tl.float32)
         for v0 in range(0, V, BLOCK_V):
-            l, mask = _load_scaled(Row, v0 + tl.arange(0, BLOCK_V), V, inv_t)
+            l, mask = _load_scaled(Row, v0 + tl.arange(0, BLOCK_V), V, temp)
             keep = mask & (l >= floor)
             if MASS:
                 w = tl.where(keep, tl.exp(l - mx), 0.0)
@@ -97,14 +101,14 @@ def _radix_threshold(Row, V, inv_t, mx, floor, target, MASS: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _argmax_pass(Row, V, inv_t, mx, floor, Seed, Counter, row, SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr):
+def _argmax_pass(Row, V, temp, mx, floor, Seed, Counter, row, SAMPLE: tl.constexpr, BLOCK_V: tl.constexpr):
     """argmax_i of l_i (SAMPLE False) or of exp(l_i - mx) / e_i over l_i >= floor (first index
     among equals)."""
     best = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)
     best_i = tl.max(tl.zeros([BLOCK_V], tl.int32), axis=0)
     for v0 in range(0, V, BLOCK_V):
         offs = v0 + tl.arange(0, BLOCK_V)
-        l, mask = _load_scaled(Row, offs, V, inv_t)
+        l, mask = _load_scaled(Row, offs, V, temp, SAMPLE)
         if SAMPLE:
             score = tl.exp(l - mx) / _exp_noise(Seed, Counter, row, offs)
             score = tl.where(mask & (l >= floor), score, -1.0)
@@ -130,24 +134,24 @@ def _sample_kernel(Logits, stride_lm, V, Temperature, TopP, Seed, Counter, top_k
     if GREEDY:
         tok = _argmax_pass(Row, V, 1.0, 0.0, 0.0, Seed, Counter, row, False, BLOCK_V)
     else:
-        inv_t = 1.0 / tl.load(Temperature).to(tl.float32)
+        temp = tl.load(Temperature).to(tl.float32)
         mx = tl.max(tl.full([BLOCK_V], float("-inf"), tl.float32), axis=0)
         for v0 in range(0, V, BLOCK_V):
-            l, mask = _load_scaled(Row, v0 + tl.arange(0, BLOCK_V), V, inv_t)
+            l, mask = _load_scaled(Row, v0 + tl.arange(0, BLOCK_V), V, temp)
             mx = tl.maximum(mx, tl.max(l, axis=0))
         floor = float("-inf")
         if TOP_K:
-            floor = _radix_threshold(Row, V, inv_t, mx, floor, top_k.to(tl.float32), False, BLOCK_V,
+            floor = _radix_threshold(Row, V, temp, mx, floor, top_k.to(tl.float32), False, BLOCK_V,
                                      RADIX_BITS)
         if TOP_P:
             z = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
             for v0 in range(0, V, BLOCK_V):
-                l, mask = _load_scaled(Row, v0 + tl.arange(0, BLOCK_V), V, inv_t)
+                l, mask = _load_scaled(Row, v0 + tl.arange(0, BLOCK_V), V, temp)
                 z += tl.sum(tl.where(mask & (l >= floor), tl.exp(l - mx), 0.0), axis=0)
             target = tl.load(TopP).to(tl.float32) * z
-            floor = tl.maximum(floor, _radix_threshold(Row, V, inv_t, mx, floor, target, True, BLOCK_V,
+            floor = tl.maximum(floor, _radix_threshold(Row, V, temp, mx, floor, target, True, BLOCK_V,
                                                        RADIX_BITS))
-        tok = _argmax_pass(Row, V, inv_t, mx, floor, Seed, Counter, row, True, BLOCK_V)
+        tok = _argmax_pass(Row, V, temp, mx, floor, Seed, Counter, row, True, BLOCK_V)
     if STEP:
         pos = tl.load(Pos).to(tl.int64)
         done = tl.load(Done + row) != 0
