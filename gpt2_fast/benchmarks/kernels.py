@@ -11,6 +11,9 @@ Providers (each a function with the reference signature, gpt2_fast/reference.py)
   triton / cuda / cpp
                  ours, resolved through gpt2_fast.ops.resolve(op, backend, device type), so
                  whatever kernels exist when this runs are measured
+  triton-fwd-v1 / triton-fwd-pipelined / triton-bwd-det / triton-bwd-atomic / triton-bwd-sdpa
+                 our Triton attention with one side of an A/B choice forced (gpt2_fast/choices.py
+                 attention_fwd_kernel, attention_bwd); the bwd sides are measured in bwd modes only
 A provider that cannot run here is listed as skipped with its reason.
 
 Work counted (e = bytes per element; N rows, C width; the napkin math behind GB/s, TFLOP/s):
@@ -53,6 +56,11 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 PROVIDERS = ("torch", "torch-native", "compile", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient",
              "sdpa-math", "liger", "triton", "cuda", "cpp")
 OURS = ("triton", "cuda", "cpp")
+# our Triton attention with one A/B side forced: provider -> (forward kernel, backward variant)
+ATTN_VARIANTS = {"triton-fwd-v1": ("v1", None), "triton-fwd-pipelined": ("pipelined", None),
+                 "triton-bwd-det": (None, "triton_det"), "triton-bwd-atomic": (None, "triton_atomic"),
+                 "triton-bwd-sdpa": (None, "sdpa")}
+PROVIDERS += tuple(ATTN_VARIANTS)
 
 # (n_embd, n_head) of the GPT-2 presets, and a tiny one for quick CPU runs.
 PRESET_DIMS = {name: (p["n_embd"], p["n_head"]) for name, p in PRESETS.items()}
@@ -255,7 +263,20 @@ def applicable(op: str, provider: str) -> bool:
         return op in ("layer_norm", "add_layer_norm")
     if provider == "liger":
         return op in ("layer_norm", "softmax_cross_entropy", "lm_head_cross_entropy")
+    if provider in ATTN_VARIANTS:
+        return op == "attention"
     return True
+
+
+def _force_attention_sides(fwd_kernel: Optional[str] = None, bwd_variant: Optional[str] = None) -> None:
+    """Set our Triton attention's A/B sides (module constants its ops read) for the rows that
+    follow; None = the side choices.py puts in force. Eager only: nothing here is traced."""
+    import importlib
+
+    from ..choices import choice
+    fa = importlib.import_module("gpt2_fast.kernels.flash_attention")
+    fa.FWD_KERNEL = fwd_kernel or choice("attention_fwd_kernel")
+    fa.BWD_VARIANT = bwd_variant or choice("attention_bwd")
 
 
 def provider_fn(op: str, provider: str, device: torch.device, allow_compile: bool) -> tuple[Optional[Callable], str]:
@@ -286,18 +307,21 @@ def provider_fn(op: str, provider: str, device: torch.device, allow_compile: boo
             return None, str(e)
         except Exception as e:
             return None, f"liger_kernel failed: {type(e).__name__}: {e}"
-    if provider in OURS:
+    if provider in OURS or provider in ATTN_VARIANTS:
+        backend = "triton" if provider in ATTN_VARIANTS else provider
         try:
-            name, fn = ops.resolve(op, provider, device.type)
+            name, fn = ops.resolve(op, backend, device.type)
+            if op == "attention" and (backend == "triton" or "gpt2_fast.kernels.flash_attention" in sys.modules):
+                _force_attention_sides(*ATTN_VARIANTS.get(provider, (None, None)))
         except ops.BackendUnavailable as e:
             return None, str(e)
         except Exception as e:
             return None, f"backend {provider!r} failed: {type(e).__name__}: {e}"
-        if name != provider:
+        if name != backend:
             return None, f"backend {provider!r} has no {op} (ops falls back to {name})"
         mod = getattr(fn, "__module__", "") or ""
         detail = f"ours ({mod})" if mod else "ours"
-        if provider == "triton" and device.type == "cpu":
+        if backend == "triton" and device.type == "cpu":
             detail += " under TRITON_INTERPRET: not a speed figure"
         return fn, detail
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
@@ -308,7 +332,8 @@ def provider_fn(op: str, provider: str, device: torch.device, allow_compile: boo
 # ---------------------------------------------------------------------------------------------
 
 # Reasons that mean "this provider has no such op" (status n/a, left out of the printed list).
-NOT_APPLICABLE = ("SDPA providers apply", "torch has no single fused kernel", "Liger-Kernel has no")
+NOT_APPLICABLE = ("SDPA providers apply", "torch has no single fused kernel", "Liger-Kernel has no",
+                  "a backward variant")
 
 
 @dataclass
@@ -332,6 +357,8 @@ def _max_err(a, b) -> float:
 
 def prepare(case: Case, provider: str, device: torch.device, allow_compile: bool = True):
     """A Prepared call, or a str giving why `provider` cannot run `case` here."""
+    if provider in ATTN_VARIANTS and ATTN_VARIANTS[provider][0] is None and case.mode == "fwd":
+        return "a backward variant: the fwd row is the triton row"
     fn, detail = provider_fn(case.op, provider, device, allow_compile)
     if fn is None:
         return detail
