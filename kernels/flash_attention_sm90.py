@@ -89,11 +89,12 @@ def compile_sm90(fn, dt: str, const: dict, num_warps: int, num_stages: int, maxn
 def attention_specs(D: int, dt: str = "bf16", causal: bool = True, dropout: bool = False):
     """[(label, fn, constexprs, num_warps, num_stages, family, kept)] for every attention kernel and every
     config it can launch with on a GPU: the autotune candidates and the fixed (AUTOTUNE=0) ones.
-    kept: whether the shared-memory pruner keeps the config at this head dim and dtype."""
+    kept: whether the pruner keeps the config at this head dim and dtype (shared memory; with
+    dropout also DROPOUT_TILE_PER_THREAD)."""
     from . import flash_attention as fa
     from . import flash_attention_bwd_atomic as at
     from . import flash_attention_fwd_pipelined as pf
-    from .flash_attention_smem import fits
+    from .flash_attention_smem import dropout_ok, fits
 
     BD = max(16, 1 << (D - 1).bit_length())
     base = dict(IS_CAUSAL=causal, HAS_DROPOUT=dropout, BLOCK_D=BD, EVEN_D=BD == D,
@@ -122,8 +123,9 @@ def attention_specs(D: int, dt: str = "bf16", causal: bool = True, dropout: bool
                 continue
             seen.add((BM, BN, nw, ns))
             tag = " (fixed)" if (BM, BN, nw, ns) == first_fit else ""
+            keep = fits(family, BM, BN, BD, ns, esize) and (not dropout or dropout_ok(family, BM, BN, nw))
             out.append((f"{fn.__name__} M{BM} N{BN} w{nw} s{ns}{tag}", fn, dict(base, BLOCK_M=BM, BLOCK_N=BN), nw,
-                        ns, family, fits(family, BM, BN, BD, ns, esize)))
+                        ns, family, keep))
     bm = at.small_block_m(esize)
     small = dict(BLOCK_D=BD, EVEN_D=BD == D)
     for fn, const in ((fa._attention_bwd_preprocess_kernel, dict(small, BLOCK_M=64)),

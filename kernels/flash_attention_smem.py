@@ -50,8 +50,22 @@ def fits(family: str, BM: int, BN: int, BD: int, stages: int, esize: int, limit:
     return smem_estimate(family, BM, BN, BD, stages, esize) <= limit
 
 
+# With dropout the Philox counters and keep masks of a (BLOCK_M, BLOCK_N) tile are live too: configs
+# with more tile elements per thread than this spilled on sm_90 at D=64 (flash_attention_sm90.py
+# --dropout), so dropout launches skip them (a register proxy, checked by compiling, not timed).
+DROPOUT_TILE_PER_THREAD = {"fwd": 32, "fwd_pipelined": 32, "bwd_dkdv": 16, "bwd_dq": 32, "bwd_atomic": 16}
+
+
+def dropout_ok(family: str, BM: int, BN: int, num_warps: int) -> bool:
+    return BM * BN <= DROPOUT_TILE_PER_THREAD[family] * 32 * num_warps
+
+
 def _config_fits(family, c: triton.Config, BD: int, esize: int) -> bool:
     return fits(family, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], BD, c.num_stages, esize)
+
+
+def _dropout_ok(family, c: triton.Config) -> bool:
+    return dropout_ok(family, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
 
 
 def _no_fit(family, BD, esize):
@@ -62,37 +76,43 @@ def _no_fit(family, BD, esize):
 def _pruner(family: str, fixed: list, exact_fp32: triton.Config):
     """early_config_prune: exact fp32 (DOT_PREC "ieee") runs on FMA units, where big tiles do not pay
     and take ptxas a minute each: one small config; otherwise the configs that fit shared memory,
-    else (large head dims in fp32) the first fixed config that does."""
+    else (large head dims in fp32) the first fixed config that does; with dropout, of those the
+    ones within DROPOUT_TILE_PER_THREAD when there are any."""
     def prune(configs, named_args, **kwargs):
         if kwargs.get("DOT_PREC") == "ieee":
             return [exact_fp32]
-        esize = named_args["Q"].element_size()
-        kept = [c for c in configs if _config_fits(family, c, kwargs["BLOCK_D"], esize)]
-        kept = kept or [c for c in fixed if _config_fits(family, c, kwargs["BLOCK_D"], esize)][:1]
+        esize, BD = named_args["Q"].element_size(), kwargs["BLOCK_D"]
+        kept = [c for c in configs if _config_fits(family, c, BD, esize)]
+        kept = kept or [c for c in fixed if _config_fits(family, c, BD, esize)][:1]
         if not kept:
-            raise _no_fit(family, kwargs["BLOCK_D"], esize)
+            raise _no_fit(family, BD, esize)
+        if kwargs.get("HAS_DROPOUT"):
+            kept = [c for c in kept if _dropout_ok(family, c)] or kept
         return kept
     return {"early_config_prune": prune}
 
 
 class FixedConfigKernel:
     """`kernel[grid](*args, **constexprs)` with one config: the first of `fixed` that fits the shared
-    memory at this launch's BLOCK_D and element size (exact fp32: `exact_fp32`)."""
+    memory at this launch's BLOCK_D and element size, with dropout preferably one within
+    DROPOUT_TILE_PER_THREAD (exact fp32: `exact_fp32`; the interpreter: fixed[0])."""
 
     def __init__(self, kernel, family: str, fixed: list, exact_fp32: triton.Config):
         self.kernel, self.family, self.fixed, self.exact_fp32 = kernel, family, fixed, exact_fp32
 
-    def pick(self, BD: int, esize: int, dot_prec: str) -> triton.Config:
-        if dot_prec == "ieee" and not INTERPRET:
+    def pick(self, BD: int, esize: int, dot_prec: str, dropout: bool = False) -> triton.Config:
+        if INTERPRET:
+            return self.fixed[0]
+        if dot_prec == "ieee":
             return self.exact_fp32
-        for c in self.fixed:
-            if INTERPRET or _config_fits(self.family, c, BD, esize):
-                return c
-        raise _no_fit(self.family, BD, esize)
+        ok = [c for c in self.fixed if _config_fits(self.family, c, BD, esize)]
+        if not ok:
+            raise _no_fit(self.family, BD, esize)
+        return next((c for c in ok if not dropout or _dropout_ok(self.family, c)), ok[0])
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            c = self.pick(kwargs["BLOCK_D"], args[0].element_size(), kwargs["DOT_PREC"])
+            c = self.pick(kwargs["BLOCK_D"], args[0].element_size(), kwargs["DOT_PREC"], kwargs["HAS_DROPOUT"])
             return self.kernel[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
         return launch
 

@@ -361,6 +361,12 @@ def test_smem_pruner(fa):
                for c in kept)
     assert prune(fa._FWD_CONFIGS, {"Q": q}, BLOCK_D=64, DOT_PREC="tf32") == fa._FWD_CONFIGS
     assert prune(fa._FWD_CONFIGS, {"Q": q.float()}, BLOCK_D=64, DOT_PREC="ieee") == [exact]
+    # dropout: the configs whose (BLOCK_M, BLOCK_N) tile per thread spilled on sm_90 are skipped
+    from gpt2_fast.kernels import flash_attention_bwd_atomic as at
+    drop = _pruner("bwd_atomic", at.FIXED, at.EXACT_FP32_CONFIG)["early_config_prune"]
+    kept = drop(at.CONFIGS, {"Q": q}, BLOCK_D=64, DOT_PREC="tf32", HAS_DROPOUT=True)
+    assert kept and all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 16 * 32 * c.num_warps for c in kept)
+    assert len(drop(at.CONFIGS, {"Q": q}, BLOCK_D=64, DOT_PREC="tf32", HAS_DROPOUT=False)) == len(at.CONFIGS)
     # fp32 (TF32) at D = 256: no autotune candidate fits, the first fixed config that does is used
     (c,) = prune(fa._FWD_CONFIGS[:1], {"Q": q.float()}, BLOCK_D=256, DOT_PREC="tf32")
     assert smem_estimate("fwd", c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], 256, c.num_stages, 4) <= SMEM_LIMIT
