@@ -213,6 +213,7 @@ def _module_step_on_cpu(monkeypatch):
 
 
 def tokens(model, step, prompts, n, **kw):
+    kw.setdefault("temperature", 0)  # greedy unless asked
     engine = Engine(model, cuda_graph=False, decode_step=step)
     out = torch.stack(list(engine.generate_ids(prompts, n, stop_at_eot=False, **kw)), 1).tolist()
     assert engine.step_kind == step
