@@ -31,7 +31,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-ENGINES = ("ours_fp32", "ours_bf16", "ours_int8", "ort_fp32", "ort_int8", "ct2_fp32", "ct2_int8")
+ENGINES = ("ours_fp32", "ours_bf16", "ours_int8", "ours_w8a8", "ours_bf16a", "ort_fp32", "ort_int8", "ct2_fp32",
+           "ct2_int8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -47,17 +48,23 @@ def rss_mb() -> float:
 
 
 def load_ours(model_dir: str, kind: str, threads: int):
+    """kind: fp32, bf16, int8 (weight-only: fp32 activations), w8a8 / bf16a (int8 / bf16 activations
+    too: GPT2_FAST_CPU_LOWP_ACT=1)."""
     import torch
+    if kind in ("w8a8", "bf16a"):
+        os.environ["GPT2_FAST_CPU_LOWP_ACT"] = "1"
     from gpt2_fast import GPT
     from gpt2_fast.engine import Engine
     torch.set_num_threads(threads)
     model = GPT.from_pretrained(model_dir).eval()
-    if kind == "bf16":
-        model = model.to(torch.bfloat16)
-    elif kind == "int8":
+    if kind.startswith("bf16"):
+        model = model.to(torch.bfloat16)   # new tensors: the checkpoint's file mapping is dropped
+    elif kind in ("int8", "w8a8"):
         from gpt2_fast.quant import quantize_int8
         quantize_int8(model)
-    engine = Engine(model, cpu_layout=True)
+    # cpu_layout: an inference-only model (weights off the file mapping, (in, out)-major). bf16 keeps
+    # the (out, in) layout the bf16 dot-product kernel reads (and has no file mapping left)
+    engine = Engine(model, cpu_layout=not kind.startswith("bf16"))
 
     def run(prompt, n):
         timings: dict = {}

@@ -15,7 +15,10 @@ positions) are passed as fp32 (copies only for a bf16 model: a few MB). The KV c
 model's own static cache, kept fp32.
 
 GPT2_FAST_CPU_FUSED=0 turns it off (the engine then runs the Python step);
-GPT2_FAST_CPU_ISA=portable|avx2|avx512 caps the kernels' instruction set.
+GPT2_FAST_CPU_ISA=portable|avx2|avx512 caps the kernels' instruction set;
+GPT2_FAST_CPU_LOWP_ACT=1 (or CpuDecoder(lowp_act=True)) rounds the activations entering int8 / bf16
+(N, K)-stored weights to int8 (per-row scale: W8A8, AVX512-VNNI) / bf16 (AVX512-BF16), trading
+some agreement with fp32 for fewer instructions per weight (bench/cpu_decode_peers.py measures both).
 """
 from __future__ import annotations
 
@@ -82,11 +85,12 @@ class CpuDecoder:
     """The flat tensor lists of one model for cpu_gpt2_forward, built once (call `fresh` to know
     whether the model's tensors are still the ones packed)."""
 
-    def __init__(self, model, isa: int = -1):
+    def __init__(self, model, isa: int = -1, lowp_act: Optional[bool] = None):
         why = unsupported_reason(model)
         if why is not None:
             raise ValueError(f"CpuDecoder: {why}")
         self.model, self.isa = model, isa
+        self.lowp_act = os.environ.get("GPT2_FAST_CPU_LOWP_ACT") == "1" if lowp_act is None else bool(lowp_act)
         self._op = _op("cpu_gpt2_forward")
         self._key = self._identity()
         t, cfg = model.transformer, model.config
@@ -122,7 +126,7 @@ class CpuDecoder:
         kc = [b.attn.kv_cache.k_cache for b in h]
         vc = [b.attn.kv_cache.v_cache for b in h]
         return self._op(idx.contiguous(), start, kv_start, self.globals, self.layers, kc, vc, self.n_head,
-                        self.vocab, self.eps, all_logits, self.isa)
+                        self.vocab, self.eps, all_logits, self.isa, self.lowp_act)
 
 
 def cpu_decoder_for(model, previous: Optional[CpuDecoder] = None) -> Optional[CpuDecoder]:
@@ -132,4 +136,15 @@ def cpu_decoder_for(model, previous: Optional[CpuDecoder] = None) -> Optional[Cp
         return previous
     if unsupported_reason(model) is not None:
         return None
+    _trim_heap()
     return CpuDecoder(model)
+
+
+def _trim_heap() -> None:
+    """Give the pages freed by a re-layout / quantization back to the OS (glibc keeps freed blocks
+    under its 32 MiB mmap threshold in the heap, where they would stay resident)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -123,3 +123,17 @@ def test_fused_forward_rejects_bad_inputs(model):
         dec.forward(torch.tensor([[1, 2]]), 7)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         CpuDecoder(copy.deepcopy(model).half())
+
+
+@pytest.mark.parametrize("kind", ["bf16", "int8"])
+def test_lowp_activations_stay_close_to_weight_only(model, kind):
+    m = copy.deepcopy(model)
+    m = m.to(torch.bfloat16) if kind == "bf16" else quantize_int8(m)
+    idx = torch.randint(0, 2000, (1, 9), generator=torch.Generator().manual_seed(2))
+    m.setup_cache(1, 9, dtype=torch.float32)
+    exact = CpuDecoder(m, lowp_act=False).forward(idx[:, :8], 0)
+    exact = CpuDecoder(m, lowp_act=False).forward(idx[:, 8:], 8)
+    CpuDecoder(m, lowp_act=True).forward(idx[:, :8], 0)
+    lowp = CpuDecoder(m, lowp_act=True).forward(idx[:, 8:], 8)
+    assert (lowp - exact).abs().max() <= 0.05 * exact.abs().max()
+    assert CpuDecoder(m).lowp_act is False  # opt-in only (GPT2_FAST_CPU_LOWP_ACT=1)

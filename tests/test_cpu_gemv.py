@@ -121,3 +121,48 @@ def test_int8_linear_on_cpu_uses_the_kernel_and_matches_dequantized():
         torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(y.double(), F.linear(x.double(), m.weight.double(), lin.bias.double()),
                                    rtol=1e-5, atol=1e-5)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+
+
+FLAGS = _cpu_flags()
+
+
+@pytest.mark.parametrize("dtype,flag", [(torch.int8, "avx512_vnni"), (torch.bfloat16, "avx512_bf16")], ids=str)
+def test_lowp_activations_vs_float64_of_the_rounded_x(dtype, flag):
+    """lowp_act: x rounded to int8 (per-row scale, round half to even) or bf16, then exact dot products
+    (VNNI int32 / BF16 pairs with fp32 accumulation)."""
+    if 2 not in runnable_isas() or flag not in FLAGS or "avx512bw" not in FLAGS:
+        pytest.skip(f"needs AVX-512 with {flag}")
+    g = torch.Generator().manual_seed(11)
+    for M, N, K in [(1, 1, 1), (1, 37, 64), (3, 100, 300), (8, 77, 129), (4, 64, 768)]:
+        w, scale = make_weight(N, K, dtype, "nk", g)
+        x = torch.randn(M, K, generator=g) * 3
+        bias = torch.randn(N, generator=g)
+        y = torch.ops.gpt2_fast.cpu_linear(x, w, scale, bias, 2, True)
+        if dtype == torch.int8:
+            xs = x.abs().amax(1, keepdim=True) / 127
+            xr = torch.round(x / xs).clamp(-127, 127) * xs
+        else:
+            xr = x.bfloat16().float()
+        err = (y.double() - reference(xr, w, scale, bias)).abs()
+        assert (err <= bound(xr, w, scale) + 1e-5).all(), (M, N, K, float(err.max()))
+        # and it is an approximation of the fp32-activation result, not something else
+        full = torch.ops.gpt2_fast.cpu_linear(x, w, scale, bias, 2, False)
+        assert (y - full).abs().max() <= 0.05 * full.abs().max() + 1e-3
+
+
+def test_lowp_is_ignored_for_fp32_and_transposed_weights():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 96, generator=g)
+    for dtype, layout in [(torch.float32, "nk"), (torch.int8, "kn"), (torch.bfloat16, "kn")]:
+        w, scale = make_weight(40, 96, dtype, layout, g)
+        a = torch.ops.gpt2_fast.cpu_linear(x, w, scale, None, -1, True)
+        b = torch.ops.gpt2_fast.cpu_linear(x, w, scale, None, -1, False)
+        assert torch.equal(a, b)
