@@ -45,7 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", metavar="CKPT",
                    help="a training checkpoint (.pt), a training output folder (its latest ckpt_*.pt), "
                         "or an HF folder")
-    p.add_argument("out", metavar="OUT_DIR", help="the HF folder to write (created if missing)")
+    p.add_argument("out", metavar="OUT_DIR", nargs="?", default=None,
+                   help="the HF folder to write (created if missing); or give it as --out")
+    p.add_argument("--out", dest="out_flag", metavar="OUT_DIR", default=None,
+                   help="the same as OUT_DIR (the --out every command that writes takes)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                    help="store the weights in this dtype (default: as in the checkpoint)")
     p.add_argument("--overwrite", action="store_true",
@@ -54,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from .load import describe
+    if (args.out is None) == (args.out_flag is None):
+        raise ValueError("give the output folder once: `gpt2-fast export CKPT OUT_DIR` or `--out OUT_DIR`")
+    args.out = args.out or args.out_flag
     source = describe(args.checkpoint)
     written = export(args.checkpoint, args.out, DTYPES[args.dtype] if args.dtype else None, args.overwrite)
     print(f"exported {source} -> {args.out} ({', '.join(os.path.basename(p) for p in written)})",

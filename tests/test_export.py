@@ -58,3 +58,7 @@ def test_export_never_replaces_files_unasked(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists()
+    assert main(["export", str(tmp_path / "run")]) == 2
+    assert "give the output folder once" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "o3")]) == 0
+    assert (tmp_path / "o3" / "model.safetensors").exists()
