@@ -238,6 +238,40 @@ def _has_param(fn, name: str) -> Optional[str]:
     return None if name in inspect.signature(fn).parameters else f"{fn.__name__} has no {name}= in this tree"
 
 
+def _decode_step(m, dt, M, int8=False, C=768, H=12, S=1024, V=50257):
+    """The fused decode step's launches (gpt2_fast/decode_fused.py) for batch bucket M: embed, per
+    block qkv GEMV (LN_1 prologue, cache write), one-launch attention, three GEMVs (residual / LN_2 +
+    GELU / residual), and the LM head GEMV with ln_f; int8: the same GEMVs on int8 weights + scales."""
+    import torch
+    import triton
+    D = C // H
+    x, h, y, q, logits = (_t(M, n, dt=dt) for n in (C, 4 * C, C, C, V))
+    ln = (_t(C, dt=dt), _t(C, dt=dt), 1e-5)
+    kc, vc = _t(M, H, S, D, dt=dt), _t(M, H, S, D, dt=dt)
+    pos, kv_start = torch.zeros(1, dtype=torch.long), torch.zeros(M, dtype=torch.int32)
+    w = lambda n, k: (_t(n, k, dt="int8"), _t(n, dt="fp32")) if int8 else (_t(n, k, dt=dt), None)  # noqa: E731
+    m.embed(torch.zeros(M, S + 1, dtype=torch.long), pos, kv_start, _t(V, C, dt=dt), _t(S, C, dt=dt), x)
+    W, sc = w(3 * C, C)
+    m.qkv_gemv(x, W, ln, q, kc, vc, pos, sc, _t(3 * C, dt=dt))
+    splits = max(1, min(triton.cdiv(2 * 132, M * H), triton.cdiv(S, m.ATTN_BLOCK_N), m.MAX_SPLITS))  # H100: 132 SMs
+    m.attn_decode(q, kc, vc, pos, kv_start, y, m.attn_workspace(M, H, D, splits, torch.device("cpu")), splits,
+                  D ** -0.5)
+    for xin, (n, k), out, kw in ((y, (C, C), x, dict(residual=True)), (x, (4 * C, C), h, dict(ln=ln, gelu=True)),
+                                 (h, (C, 4 * C), x, dict(residual=True)), (x, (V, C), logits, dict(ln=ln))):
+        W, sc = w(n, k)
+        m.gemv(xin, W, out, sc, _t(n, dt=dt) if n != V else None, **kw)
+
+
+def _sampler(m, dt, B, greedy, V=50257, S=1024):
+    """The on-device sampler inside a decode step (writes seq/pos/done): greedy, or top-k 50 + top-p."""
+    import torch
+    f32 = lambda: torch.ones(1, dtype=torch.float32)  # noqa: E731
+    seq, pos = torch.zeros(B, S + 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    m.sample(_t(B, V, dt=dt), greedy, None if greedy else 50, not greedy, f32(), f32(),
+             torch.zeros(1, dtype=torch.long), pos,
+             step=(seq, pos, torch.zeros(B, dtype=torch.bool), torch.zeros(1, dtype=torch.bool), 50256))
+
+
 @dataclass
 class Case:
     name: str
@@ -279,6 +313,11 @@ CASES = [
          HALF),
     Case("decode_attention B1 Tq5 split16", "decode_attention",
          lambda m, dt: _decode_attention(m, dt, 1, 5, 16), HALF),
+    Case("decode_step M1", "decode_gemv", lambda m, dt: _decode_step(m, dt, 1), HALF, tier=0),
+    Case("decode_step M64", "decode_gemv", lambda m, dt: _decode_step(m, dt, 64), HALF),
+    Case("decode_step M1 int8", "decode_gemv", lambda m, dt: _decode_step(m, dt, 1, int8=True), HALF),
+    Case("sampler B1 greedy", "sampler", lambda m, dt: _sampler(m, dt, 1, True), HALF, tier=0),
+    Case("sampler B1 top-k top-p", "sampler", lambda m, dt: _sampler(m, dt, 1, False), HALF),
     Case("int8_gemv c_attn 2304x768", "gpt2_fast.quant", lambda m, dt: _int8_gemv(m, dt, 2304, 768), HALF,
          tier=0),
     Case("int8_gemv lm_head 50257x768", "gpt2_fast.quant", lambda m, dt: _int8_gemv(m, dt, 50257, 768), HALF),
@@ -312,7 +351,9 @@ class Row:
 def _config_label(kwargs: dict, md) -> str:
     blocks = " ".join(f"{k.replace('BLOCK_', '')}{v}" for k, v in sorted(kwargs.items())
                       if k.startswith("BLOCK_") and k != "BLOCK_D")
-    return f"{blocks} w{md.num_warps} s{md.num_stages}".strip()
+    flags = " ".join(k.replace("HAS_", "") for k, v in sorted(kwargs.items())
+                     if v is True and k not in ("IS_CAUSAL", "EVEN_D", "HAS_WEIGHT"))
+    return f"{blocks} w{md.num_warps} s{md.num_stages} {flags}".strip()
 
 
 def _variants(launch: Launch):
@@ -479,7 +520,7 @@ def format_table(rows: list[Row]) -> str:
     head = ("kernel", "case", "dtype", "config", "regs", "spill st/ld", "stack", "smem KB", "s", "status")
     lines = [(r.kernel, r.case, r.dtype, r.config, str(r.regs), f"{r.spill_stores}/{r.spill_loads}",
               str(r.stack), f"{r.smem / 1024:.1f}" if r.smem >= 0 else "-", f"{r.seconds:.1f}",
-              r.status + (" (known)" if r.allowed else ""))
+              r.status + (" (known)" if r.allowed and not r.status.startswith("SKIPPED") else ""))
              for r in sorted(rows, key=lambda r: (r.kernel, r.case, r.dtype))]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
