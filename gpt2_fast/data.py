@@ -228,15 +228,15 @@ def _read_text(path: str) -> str:
     return "".join(_iter_text(path))
 
 
-def safe_cut(text: str) -> int:
-    """The last i > 0 where text[i-1] is not whitespace and text[i] is, else 0. Encoding text[:i]
+def safe_cut(text: str, lo: int = 0) -> int:
+    """The last i > lo where text[i-1] is not whitespace and text[i] is, else 0. Encoding text[:i]
     and text[i:] apart gives the ids of encoding the whole: no alternative of GPT-2's
     pre-tokenizer pattern matches a non-space character followed by whitespace, and it has no
     look-behind, so a match boundary always falls there."""
-    i = len(text) - 1
-    while i > 0 and not (text[i].isspace() and not text[i - 1].isspace()):
-        i -= 1
-    return max(i, 0)
+    for i in range(len(text) - 1, max(lo, 0), -1):
+        if text[i].isspace() and not text[i - 1].isspace():
+            return i
+    return 0
 
 
 def _text_pieces(chunks: Iterable[str]) -> Iterator[str]:
@@ -244,7 +244,7 @@ def _text_pieces(chunks: Iterable[str]) -> Iterator[str]:
     buf = ""
     for chunk in chunks:
         buf += chunk
-        cut = safe_cut(buf)
+        cut = safe_cut(buf, len(buf) - len(chunk) - 1)  # the carried part has no cut point: skip it
         if cut == 0 and len(buf) > MAX_PIECE_CHARS:
             cut = len(buf)  # no whitespace at all for 64M characters: cut anyway
         if cut:

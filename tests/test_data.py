@@ -367,3 +367,10 @@ def test_unreadable_meta_json_is_never_overwritten(tmp_path):
     assert (out / "meta.json").read_text() == "{broken"
     with pytest.raises(ValueError, match="meta.json: unreadable"):
         D.shard_paths(str(out), "train")
+
+
+def test_safe_cut_points():
+    assert D.safe_cut("ab cd  ef") == 5 and D.safe_cut("ab cd  ef", lo=5) == 0
+    assert D.safe_cut("abc") == 0 and D.safe_cut("  x") == 0 and D.safe_cut("x\n") == 1
+    pieces = list(D._text_pieces(["aaa", "bbb", " cc", "c dd"]))  # a run without spaces is carried
+    assert "".join(pieces) == "aaabbb ccc dd" and pieces[0] == "aaabbb"
