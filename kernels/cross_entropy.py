@@ -15,7 +15,9 @@ materialized whole. The GEMMs use ALL rows of the (padded) weight, V_pad = weigh
 (GPTConfig.embedding_rows = 50304 for GPT-2's 50257: a 64-aligned leading dimension, so cuBLAS
 can use its TMA kernels and the CE kernel's rows start 16-byte aligned), and the CE kernel
 treats the logits of columns >= V as -inf: they add 0 to the softmax and get a gradient of
-exactly 0, so grad_W of the padded rows is exactly 0 (0 * hidden). Rows are processed in chunks sized from a memory budget (CHUNK_BYTES of
+exactly 0, so grad_W of the padded rows is exactly 0 (0 * hidden). A weight whose rows are not a
+multiple of ROW_ALIGN (an unpadded 50257-row embedding) is padded with zero rows in the
+compute-dtype copy (made anyway when autocast casts an fp32 weight); grad_W keeps its rows. Rows are processed in chunks sized from a memory budget (CHUNK_BYTES of
 logits per chunk); for each chunk cuBLAS computes the logits, the same forward kernel computes
 loss and lse and, when a gradient is needed, overwrites the chunk's logits with dlogits (scaled
 by 1/n, the scale read from device memory, so no host sync), and then
@@ -44,6 +46,7 @@ from ._registry import check_float, check_same_device, launch, triton_op
 from ._store import cast_for_store
 
 CHUNK_BYTES = 256 * 2**20  # logits bytes per chunk of rows in lm_head_cross_entropy
+ROW_ALIGN = 64             # logits rows of the fused LM head: a multiple of 64 columns
 # torch.mm(a, b, out_dtype=torch.float32) of fp16/bf16 operands (CUDA, torch >= 2.8)
 _MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
@@ -177,7 +180,12 @@ def lm_head_cross_entropy_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, i
     dtype or empty). The matmuls run in compute_dtype."""
     N, C = hidden.shape
     V, V_pad = vocab_size, weight.shape[0]
-    w = weight.to(compute_dtype)                                            # (V_pad, C), all rows
+    V_al = triton.cdiv(V_pad, ROW_ALIGN) * ROW_ALIGN
+    if V_al == V_pad:
+        w = weight.to(compute_dtype)                                        # (V_pad, C), all rows
+    else:  # an unpadded weight (50257 rows): zero rows appended, in the copy the cast makes anyway
+        w = torch.zeros((V_al, C), dtype=compute_dtype, device=hidden.device)
+        w[:V_pad].copy_(weight)
     dev = hidden.device
     loss_rows = poison.empty((N,), dtype=torch.float32, device=dev)
     lse = poison.empty((N,), dtype=torch.float32, device=dev)
@@ -185,14 +193,14 @@ def lm_head_cross_entropy_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, i
     dhidden = poison.empty((N, C) if need_dhidden else (0,), dtype=hidden.dtype, device=dev)
     dweight32 = torch.zeros((weight.shape[0], C) if need_dweight else (0,), dtype=torch.float32,
                             device=dev)
-    chunk = chunk_rows if chunk_rows > 0 else _chunk_rows(N, V_pad, compute_dtype.itemsize)
-    BLOCK_V, num_warps = _block_v(V_pad)
+    chunk = chunk_rows if chunk_rows > 0 else _chunk_rows(N, V_al, compute_dtype.itemsize)
+    BLOCK_V, num_warps = _block_v(V_al)
     for start in range(0, N, chunk):
         end = min(N, start + chunk)
         h = hidden[start:end].to(compute_dtype)                             # (rows, C)
-        logits = torch.matmul(h, w.t())                                     # (rows, V_pad)
+        logits = torch.matmul(h, w.t())                                     # (rows, V_al)
         launch(_cross_entropy_fwd_kernel)[(end - start,)](
-            logits, targets, loss_rows, lse, n_valid, logits.stride(0), start, V, V_pad, ignore_index,
+            logits, targets, loss_rows, lse, n_valid, logits.stride(0), start, V, V_al, ignore_index,
             COMPUTE_GRAD=need_dhidden or need_dweight, BLOCK_V=BLOCK_V, num_warps=num_warps,
         )
         # logits now holds dloss/dlogits for these rows, exactly 0 in the padded columns
@@ -202,7 +210,7 @@ def lm_head_cross_entropy_fwd(hidden: Tensor, weight: Tensor, targets: Tensor, i
             else:  # fp32 hidden under autocast: the 16-bit product, widened as autocast would
                 dhidden[start:end].copy_(torch.matmul(logits, w))
         if need_dweight:
-            _add_mm_fp32(dweight32, logits.t(), h)                          # padded rows: 0
+            _add_mm_fp32(dweight32, logits[:, :V_pad].t(), h)               # padded rows: 0
     dweight = dweight32.to(weight.dtype) if need_dweight else dweight32
     return loss_rows.sum() / n_valid, dhidden, dweight
 
