@@ -150,12 +150,15 @@ def preconditions() -> list[tuple[str, str]]:
 _HELP: dict = {}
 
 
-def _bench_help(kind: str) -> str:
+def _bench_help(kind: str, timeout: float) -> str:
     """`gpt2-fast bench <kind> --help`, to tell a flag the benchmark lacks from a failure."""
     if kind not in _HELP:
-        p = subprocess.run([sys.executable, "-m", "gpt2_fast", "bench", kind, "--help"], capture_output=True,
-                           text=True, timeout=120)
-        _HELP[kind] = p.stdout + p.stderr
+        try:
+            p = subprocess.run([sys.executable, "-m", "gpt2_fast", "bench", kind, "--help"], capture_output=True,
+                               text=True, timeout=max(1.0, timeout))
+            _HELP[kind] = p.stdout + p.stderr
+        except subprocess.TimeoutExpired:
+            return ""  # unknown: the side runs and its own error tells
     return _HELP[kind]
 
 
@@ -216,14 +219,17 @@ def _side_status(rc: int, text: str, value) -> str:
 def run_ab(out: str, deadline: float, cap: float, dry_run: bool) -> int:
     """Every side of every choice; OUT/ab.json. rc 1 when a side FAILED (not: not implemented)."""
     from gpt2_fast.choices import CHOICES
-    results, failed = {}, False
+    results = {name: {"env": c.env, "default": c.default, "sides": {s: {"status": "not run"} for s in c.options}}
+               for name, c in CHOICES.items()}
+    _write_json(os.path.join(out, "ab.json"), results)  # the plan first: a killed stage still leaves it
+    failed = False
     for name, c in CHOICES.items():
         args = bench_args(name)
-        results[name] = {"env": c.env, "default": c.default, "sides": {}}
         for side in c.options:
-            entry = results[name]["sides"][side] = {}
+            entry = results[name]["sides"][side]
             left = deadline - time.time()
-            missing = [a for a in args or [] if a.startswith("--") and a not in _bench_help(args[0])]
+            helptext = _bench_help(args[0], left - 15) if args and left > 20 else ""
+            missing = [a for a in args or [] if a.startswith("--") and helptext and a not in helptext]
             if args is None or missing:
                 entry.update(status="not measured: " + (f"gpt2-fast bench {args[0]} has no {missing[0]}"
                              if args else "no benchmark mapped (bench/gpu_check.py AB_BENCH)"))
