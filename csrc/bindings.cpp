@@ -18,11 +18,11 @@ TORCH_LIBRARY(gpt2_fast, m) {
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
   m.def("decode_attention_fwd(Tensor q, Tensor k_cache, Tensor v_cache, Tensor kv_len, Tensor? kv_start,"
         " float scale) -> Tensor");
-  m.def("cpu_linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int isa=-1) -> Tensor");
+  m.def("cpu_linear(Tensor x, Tensor weight, Tensor? scale, Tensor? bias, int isa=-1, bool lowp_act=False) -> Tensor");
   m.def("cpu_isa(int isa=-1) -> str", &gpt2_fast::cpu_isa);  // no tensors: a catch-all kernel
   m.def("cpu_gpt2_forward(Tensor idx, int start, Tensor? kv_start, Tensor[] globals, Tensor[] layers,"
         " Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int n_head, int n_vocab, float eps, bool all_logits=False,"
-        " int isa=-1) -> Tensor");
+        " int isa=-1, bool lowp_act=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(gpt2_fast, CPU, m) {

@@ -34,15 +34,15 @@ Tensor decode_attention_fwd_cpu(const Tensor& q, const Tensor& k_cache, const Te
                                 const Tensor& kv_len, const OptTensor& kv_start, double scale);
 // CPU inference (csrc/cpu/gemv.cpp, csrc/cpu/decode_step.cpp): x (M, K) fp32, weight (N, K) fp32 /
 // bf16 / int8 stored (N, K) or (K, N) row-major, scale (N,) fp32 for int8, bias (N,) fp32;
-// isa -1 auto, 0 portable, 1 avx2, 2 avx512
+// isa -1 auto, 0 portable, 1 avx2, 2 avx512; lowp_act: int8 / bf16 activations (VNNI / AVX512-BF16)
 Tensor cpu_linear(const Tensor& x, const Tensor& weight, const OptTensor& scale, const OptTensor& bias,
-                  int64_t isa);
+                  int64_t isa, bool lowp_act);
 std::string cpu_isa(int64_t isa);
 // the whole forward for CPU inference (prefill T > 1, decode T == 1): idx (B, T) int64 at cache slots
 // [start, start + T) -> last-position logits (B, n_vocab) fp32 (all_logits: (B, T, n_vocab)); writes the (B_max, H, S, D) fp32 caches
 Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_start, at::TensorList globals,
                         at::TensorList layers, at::TensorList k_caches, at::TensorList v_caches, int64_t n_head,
-                        int64_t n_vocab, double eps, bool all_logits, int64_t isa);
+                        int64_t n_vocab, double eps, bool all_logits, int64_t isa, bool lowp_act);
 
 #ifdef GPT2_FAST_WITH_CUDA
 // CUDA (csrc/*.cu)

@@ -149,27 +149,27 @@ static void attention(const float* qkv, float* out, float* kc, float* vc, const 
 
 // y (+)= x W^T * s + b for the `w` / `s` / `b` slots of one layer
 static void layer_linear(const float* x, int64_t M, int64_t K, at::TensorList L, int w, int s, int b, float* y,
-                         bool accumulate, Isa isa) {
+                         bool accumulate, Isa isa, bool lowp) {
   const Tensor& weight = L[w];
   const WeightView v = weight_view(weight, opt(L[s]));
   TORCH_CHECK(v.K == K, "layer weight must have ", K, " input features, got ", v.K);
-  linear(x, M, K, weight, v, opt_f32(L[b], v.N, "bias"), y, v.N, accumulate, isa);
+  linear(x, M, K, weight, v, opt_f32(L[b], v.N, "bias"), y, v.N, accumulate, isa, lowp);
 }
 
 static void run_layer(at::TensorList L, float* x, float* h, std::vector<float>& qkv, std::vector<float>& att,
-                      std::vector<float>& f, float* kc, float* vc, const Shape& s, float eps, Isa isa) {
+                      std::vector<float>& f, float* kc, float* vc, const Shape& s, float eps, Isa isa, bool lowp) {
   const int64_t M = s.B * s.T, C = s.C;
   const float *l1w = opt_f32(L[LN1_W], C, "ln_1.weight"), *l1b = opt_f32(L[LN1_B], C, "ln_1.bias");
   const float *l2w = opt_f32(L[LN2_W], C, "ln_2.weight"), *l2b = opt_f32(L[LN2_B], C, "ln_2.bias");
   for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, l1w, l1b, h + m * C, C, eps);
-  layer_linear(h, M, C, L, QKV_W, QKV_S, QKV_B, qkv.data(), false, isa);
+  layer_linear(h, M, C, L, QKV_W, QKV_S, QKV_B, qkv.data(), false, isa, lowp);
   attention(qkv.data(), att.data(), kc, vc, s);
-  layer_linear(att.data(), M, C, L, AO_W, AO_S, AO_B, x, true, isa);
+  layer_linear(att.data(), M, C, L, AO_W, AO_S, AO_B, x, true, isa, lowp);
   for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, l2w, l2b, h + m * C, C, eps);
-  layer_linear(h, M, C, L, FC_W, FC_S, FC_B, f.data(), false, isa);
+  layer_linear(h, M, C, L, FC_W, FC_S, FC_B, f.data(), false, isa, lowp);
   const int64_t F = L[FC_W].size(0);
   at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) { gelu_inplace(f.data() + b * F, (e - b) * F); });
-  layer_linear(f.data(), M, F, L, MP_W, MP_S, MP_B, x, true, isa);
+  layer_linear(f.data(), M, F, L, MP_W, MP_S, MP_B, x, true, isa, lowp);
 }
 
 static Shape check_shape(const Tensor& idx, int64_t start, const OptTensor& kv_start, const Tensor& wte,
@@ -207,7 +207,7 @@ static Shape check_shape(const Tensor& idx, int64_t start, const OptTensor& kv_s
 
 Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_start, at::TensorList globals,
                         at::TensorList layers, at::TensorList k_caches, at::TensorList v_caches, int64_t n_head,
-                        int64_t n_vocab, double eps, bool all_logits, int64_t isa) {
+                        int64_t n_vocab, double eps, bool all_logits, int64_t isa, bool lowp_act) {
   using namespace cpu;
   TORCH_CHECK(globals.size() == 6, "globals must be [wte, wpe, ln_f.weight, ln_f.bias, lm_head weight, scale]");
   const int64_t n_layer = static_cast<int64_t>(k_caches.size());
@@ -230,7 +230,7 @@ Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_st
                   "KV caches must be contiguous float32 tensors of one shape");
     if (layers[l * kLayerTensors + FC_W].size(0) * M > static_cast<int64_t>(f.size())) f.resize(layers[l * kLayerTensors + FC_W].size(0) * M);
     run_layer(layers.slice(l * kLayerTensors, kLayerTensors), x.data(), h.data(), qkv, att, f,
-              kc.data_ptr<float>(), vc.data_ptr<float>(), s, static_cast<float>(eps), is);
+              kc.data_ptr<float>(), vc.data_ptr<float>(), s, static_cast<float>(eps), is, lowp_act);
   }
   // the final LayerNorm and the LM head on the last position of each row (or on every row)
   const float *lw = opt_f32(globals[2], C, "ln_f.weight"), *lb = opt_f32(globals[3], C, "ln_f.bias");
@@ -246,7 +246,7 @@ Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_st
   const WeightView v = weight_view(lm, lm_s);
   TORCH_CHECK(v.K == C, "lm_head must have ", C, " input features, got ", v.K);
   Tensor logits = empty_out({R, n_vocab}, idx.options().dtype(at::kFloat));
-  linear(last.data(), R, C, lm, v, nullptr, logits.data_ptr<float>(), n_vocab, false, is);
+  linear(last.data(), R, C, lm, v, nullptr, logits.data_ptr<float>(), n_vocab, false, is, lowp_act);
   return all_logits ? logits.view({s.B, s.T, n_vocab}) : logits;
 }
 

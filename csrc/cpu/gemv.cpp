@@ -14,6 +14,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm.h>
@@ -35,6 +36,7 @@ struct GemvArgs {
   float* y;
   int64_t ldy;
   bool accumulate;
+  int64_t pf;  // software prefetch distance in weights ((N, K) layout: the next group of 4 rows)
 };
 
 typedef float v16f __attribute__((vector_size(64)));
@@ -113,12 +115,115 @@ GPT2F_INLINE float hsum(v16f v) { return _mm512_reduce_add_ps((__m512)v); }
 #include "gemv_kernels.inc"
 }  // namespace avx512
 #pragma GCC pop_options
+// Low-precision activations (lowp_act): the x rows are rounded to the weight's type so that one
+// instruction does 64 (int8: AVX512-VNNI vpdpbusd) or 32 (bf16: AVX512-BF16 vdpbf16ps) multiply-adds,
+// instead of converting every weight to fp32 first (3 instructions per 16 weights). int8 (W8A8):
+// x[m] ~= xs[m] * q[m], q = round(x / xs) in [-127, 127], xs = max|x[m]| / 127, stored as q + 128
+// (vpdpbusd multiplies unsigned by signed bytes), so sum_k (q + 128) w - 128 sum_k w = sum_k q w,
+// with sum_k w from a second vpdpbusd against ones; y = that * xs[m] * scale[n] + bias[n].
+// bf16: x rounded to nearest-even bf16, fp32 accumulation. (N, K) layout only.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vnni,avx512bf16,fma")
+namespace lowp {
+struct Rows {          // the rounded x rows
+  const uint8_t* q;    // int8 mode: q + 128, (M, K)
+  const float* xs;     // int8 mode: per-row scale
+  const uint16_t* b;   // bf16 mode: bf16 bits, (M, K)
+};
+
+template <int MR>
+GPT2F_INLINE void w8a8_group(const GemvArgs& a, const Rows& x, int64_t n0, int nr, int64_t m0) {
+  const int64_t K = a.w.K, K64 = K / 64 * 64;
+  const int8_t* wr[4];
+  for (int i = 0; i < 4; ++i) wr[i] = static_cast<const int8_t*>(a.w.data) + (n0 + (i < nr ? i : nr - 1)) * a.w.ld;
+  __m512i acc[MR][4], wsum[4];
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int i = 0; i < 4; ++i) {
+    wsum[i] = _mm512_setzero_si512();
+    for (int r = 0; r < MR; ++r) acc[r][i] = _mm512_setzero_si512();
+  }
+  for (int64_t k = 0; k < K64; k += 64) {
+    __m512i w[4];
+    for (int i = 0; i < 4; ++i) {
+      __builtin_prefetch(wr[i] + k + a.pf);
+      w[i] = _mm512_loadu_si512(wr[i] + k);
+      wsum[i] = _mm512_dpbusd_epi32(wsum[i], ones, w[i]);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m512i xv = _mm512_loadu_si512(x.q + (m0 + r) * K + k);
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], xv, w[i]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < nr; ++i) {
+      int32_t s = _mm512_reduce_add_epi32(acc[r][i]) - 128 * _mm512_reduce_add_epi32(wsum[i]);
+      for (int64_t k = K64; k < K; ++k) s += (static_cast<int32_t>(x.q[(m0 + r) * K + k]) - 128) * wr[i][k];
+      portable::store_out(a, m0 + r, n0 + i, static_cast<float>(s) * x.xs[m0 + r]);
+    }
+}
+
+template <int MR>
+GPT2F_INLINE void bf16_group(const GemvArgs& a, const Rows& x, int64_t n0, int nr, int64_t m0) {
+  const int64_t K = a.w.K, K32 = K / 32 * 32;
+  const uint16_t* wr[4];
+  for (int i = 0; i < 4; ++i) wr[i] = static_cast<const uint16_t*>(a.w.data) + (n0 + (i < nr ? i : nr - 1)) * a.w.ld;
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K32; k += 32) {
+    __m512bh w[4];
+    for (int i = 0; i < 4; ++i) {
+      if (k % 32 == 0) __builtin_prefetch(wr[i] + k + a.pf);
+      w[i] = (__m512bh)_mm512_loadu_si512(wr[i] + k);
+    }
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x.b + (m0 + r) * K + k);
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xv, w[i]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < nr; ++i) {
+      float s = _mm512_reduce_add_ps(acc[r][i]);
+      for (int64_t k = K32; k < K; ++k) s += portable::to_f32(x.b[(m0 + r) * K + k]) * portable::to_f32(wr[i][k]);
+      portable::store_out(a, m0 + r, n0 + i, s);
+    }
+}
+
+__attribute__((noinline)) void range(const GemvArgs& a, const Rows& x, bool int8, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t n0 = 4 * g;
+    const int nr = static_cast<int>(std::min<int64_t>(4, a.w.N - n0));
+    for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+      const int mr = static_cast<int>(std::min<int64_t>(4, a.M - m0));
+#define GPT2F_LOWP(MR) (int8 ? w8a8_group<MR>(a, x, n0, nr, m0) : bf16_group<MR>(a, x, n0, nr, m0))
+      switch (mr) {
+        case 1: GPT2F_LOWP(1); break;
+        case 2: GPT2F_LOWP(2); break;
+        case 3: GPT2F_LOWP(3); break;
+        default: GPT2F_LOWP(4); break;
+      }
+#undef GPT2F_LOWP
+    }
+  }
+}
+}  // namespace lowp
+#pragma GCC pop_options
 #define GPT2F_HAVE_X86 1
 #endif
 
 // ------------------------------------------------------------------------------------------
 // instruction-set choice
 // ------------------------------------------------------------------------------------------
+
+static bool cpu_has_lowp(bool int8) {
+#ifdef GPT2F_HAVE_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bw") && (int8 ? __builtin_cpu_supports("avx512vnni")
+                                                     : __builtin_cpu_supports("avx512bf16"));
+#else
+  return false;
+#endif
+}
 
 static bool cpu_runs(Isa isa) {
 #ifdef GPT2F_HAVE_X86
@@ -173,11 +278,50 @@ static int weight_kind(c10::ScalarType t) {
   return 2;
 }
 
+#ifdef GPT2F_HAVE_X86
+// x rows rounded for lowp::range, then the rows of W in parallel
+static void gemv_lowp(const GemvArgs& a, int kind) {
+  const int64_t M = a.M, K = a.w.K;
+  std::vector<uint8_t> q(kind == 2 ? M * K : 0);
+  std::vector<float> xs(M, 1.f);
+  std::vector<uint16_t> b(kind == 1 ? M * K : 0);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = a.x + m * a.ldx;
+    if (kind == 2) {
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
+      for (int64_t k = 0; k < K; ++k) q[m * K + k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(xr[k] * inv)) + 128);
+      xs[m] = s;
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        uint32_t u;
+        std::memcpy(&u, xr + k, 4);
+        b[m * K + k] = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);  // nearest even
+      }
+    }
+  }
+  const lowp::Rows rows{q.data(), xs.data(), b.data()};
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / (4 * std::max<int64_t>(K, 1) * (kind == 2 ? 1 : 2)));
+  at::parallel_for(0, CEIL_DIV(a.w.N, 4), grain,
+                   [&](int64_t g0, int64_t g1) { lowp::range(a, rows, kind == 2, g0, g1); });
+}
+#endif
+
 void gemv(const float* x, int64_t M, int64_t ldx, const WeightView& w, const float* bias, float* y,
-          int64_t ldy, bool accumulate, Isa isa) {
+          int64_t ldy, bool accumulate, Isa isa, bool lowp_act) {
   if (M == 0 || w.N == 0) return;
-  const GemvArgs a{x, M, ldx, w, bias, y, ldy, accumulate};
+  // GPT2_FAST_CPU_PREFETCH=0 turns the software prefetch off (an A/B switch for the benchmarks)
+  const char* pf_env = std::getenv("GPT2_FAST_CPU_PREFETCH");
+  const int64_t pf = (pf_env && pf_env[0] == '0') || w.kn ? 0 : 4 * w.ld;
+  const GemvArgs a{x, M, ldx, w, bias, y, ldy, accumulate, pf};
   const int kind = weight_kind(w.dtype);
+#ifdef GPT2F_HAVE_X86
+  if (lowp_act && kind != 0 && isa == Isa::Avx512 && !w.kn && cpu_has_lowp(kind == 2)) {
+    gemv_lowp(a, kind);
+    return;
+  }
+#endif
   const int64_t esize = kind == 0 ? 4 : kind == 1 ? 2 : 1;
   using Entry = void (*)(const GemvArgs&, int, int64_t, int64_t);
   using Tail = void (*)(const GemvArgs&, int, int64_t);
@@ -231,9 +375,9 @@ WeightView weight_view(const Tensor& weight, const OptTensor& scale) {
 }
 
 void linear(const float* x, int64_t M, int64_t ldx, const Tensor& weight, const WeightView& w,
-            const float* bias, float* y, int64_t ldy, bool accumulate, Isa isa) {
+            const float* bias, float* y, int64_t ldy, bool accumulate, Isa isa, bool lowp_act) {
   if (M <= kGemvMaxRows) {
-    gemv(x, M, ldx, w, bias, y, ldy, accumulate, isa);
+    gemv(x, M, ldx, w, bias, y, ldy, accumulate, isa, lowp_act);
     return;
   }
   // prefill: ATen GEMM on a float weight (a temporary copy for bf16 / int8), epilogue here
@@ -258,7 +402,7 @@ void linear(const float* x, int64_t M, int64_t ldx, const Tensor& weight, const 
 
 // y (M, N) fp32 = x (M, K) @ W^T * scale + bias; see gemv.h for the layouts accepted
 Tensor cpu_linear(const Tensor& x, const Tensor& weight, const OptTensor& scale, const OptTensor& bias,
-                  int64_t isa) {
+                  int64_t isa, bool lowp_act) {
   CHECK_CPU(x);
   CHECK_DIM(x, 2);
   CHECK_DTYPE(x, at::kFloat);
@@ -276,7 +420,7 @@ Tensor cpu_linear(const Tensor& x, const Tensor& weight, const OptTensor& scale,
   const cpu::Isa i = cpu::resolve_isa(isa);
   Tensor y = empty_out({x.size(0), w.N}, x.options());
   cpu::linear(x.data_ptr<float>(), x.size(0), x.size(0) > 1 ? x.stride(0) : w.K, weight, w, b,
-              y.data_ptr<float>(), w.N, false, i);
+              y.data_ptr<float>(), w.N, false, i, lowp_act);
   return y;
 }
 

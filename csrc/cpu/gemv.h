@@ -7,8 +7,8 @@
 //   KN  (K, N) row-major (the transposed storage the engine's cpu_layout / quantize_int8 give):
 //       y[m, :] += x[m, k] * W[k, :], 4 weight rows at a time over a tile of columns whose fp32
 //       accumulators live in L1; every weight row is read as one long sequential run.
-// Both read every weight byte exactly once per call (rows of x share each load: M <= 8 is one
-// pass), convert it to fp32 in registers (int8: sign-extend + cvt; bf16: a 16-bit shift) and
+// Both read every weight byte once per call from memory (NK: rows of x in chunks of 4 re-read the
+// 4 weight rows from L1; KN: 5..8 rows take two passes), convert it to fp32 in registers (int8: sign-extend + cvt; bf16: a 16-bit shift) and
 // accumulate in fp32; the per-channel int8 scale and the bias are applied once per output.
 #pragma once
 
@@ -41,8 +41,10 @@ struct WeightView {
 
 // y[m * ldy + n] (+)= sum_k x[m * ldx + k] W[n, k] * scale[n] + bias[n], for m < M, n < N.
 // accumulate: add to y (the residual add of a projection). Parallel over output columns.
+// lowp_act: on AVX-512 CPUs with VNNI / BF16 and (N, K)-stored int8 / bf16 weights, round x to int8
+// (per-row scale: W8A8) / bf16 and use the dot-product instructions (gemv.cpp); else ignored.
 void gemv(const float* x, int64_t M, int64_t ldx, const WeightView& w, const float* bias, float* y,
-          int64_t ldy, bool accumulate, Isa isa);
+          int64_t ldy, bool accumulate, Isa isa, bool lowp_act = false);
 
 constexpr int64_t kGemvMaxRows = 8;  // more rows of x (prefill) go to ATen's GEMM
 
@@ -51,7 +53,7 @@ WeightView weight_view(const at::Tensor& weight, const std::optional<at::Tensor>
 
 // gemv for M <= kGemvMaxRows, else at::mm on a float copy of `weight` (the tensor of w) + epilogue.
 void linear(const float* x, int64_t M, int64_t ldx, const at::Tensor& weight, const WeightView& w,
-            const float* bias, float* y, int64_t ldy, bool accumulate, Isa isa);
+            const float* bias, float* y, int64_t ldy, bool accumulate, Isa isa, bool lowp_act = false);
 
 }  // namespace cpu
 }  // namespace gpt2_fast
