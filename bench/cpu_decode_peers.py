@@ -62,9 +62,8 @@ def load_ours(model_dir: str, kind: str, threads: int):
     elif kind in ("int8", "w8a8"):
         from gpt2_fast.quant import quantize_int8
         quantize_int8(model)
-    # cpu_layout: an inference-only model (weights off the file mapping, (in, out)-major). bf16 keeps
-    # the (out, in) layout the bf16 dot-product kernel reads (and has no file mapping left)
-    engine = Engine(model, cpu_layout=not kind.startswith("bf16"))
+    from gpt2_fast.cpu_decode import pack_for_cpu_inference
+    engine = Engine(pack_for_cpu_inference(model))  # own (out, in) copies, off the file mapping
 
     def run(prompt, n):
         timings: dict = {}

@@ -140,6 +140,21 @@ def cpu_decoder_for(model, previous: Optional[CpuDecoder] = None) -> Optional[Cp
     return CpuDecoder(model)
 
 
+def pack_for_cpu_inference(model):
+    """The packing step for an inference-only CPU model (call once after loading / quantizing):
+    every CPU parameter and buffer becomes its own contiguous copy, i.e. (out, in) rows for the
+    weights, the layout the GEMV kernels stream with prefetch (measured ~8% faster than the
+    engine's (in, out) cpu_layout for gpt2 fp32), and nothing still views the checkpoint's file
+    mapping, so the weights are resident once. Returns the model."""
+    import itertools
+    with torch.no_grad():
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if t.device.type == "cpu":
+                t.data = t.data.clone() if t.is_contiguous() else t.data.contiguous()
+    _trim_heap()
+    return model
+
+
 def _trim_heap() -> None:
     """Give the pages freed by a re-layout / quantization back to the OS (glibc keeps freed blocks
     under its 32 MiB mmap threshold in the heap, where they would stay resident)."""

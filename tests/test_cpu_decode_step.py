@@ -137,3 +137,17 @@ def test_lowp_activations_stay_close_to_weight_only(model, kind):
     lowp = CpuDecoder(m, lowp_act=True).forward(idx[:, 8:], 8)
     assert (lowp - exact).abs().max() <= 0.05 * exact.abs().max()
     assert CpuDecoder(m).lowp_act is False  # opt-in only (GPT2_FAST_CPU_LOWP_ACT=1)
+
+
+def test_pack_for_cpu_inference_keeps_values_ties_and_tokens(model):
+    from gpt2_fast.cpu_decode import pack_for_cpu_inference
+    from gpt2_fast.engine import relayout_for_cpu_decode
+    m = copy.deepcopy(model)
+    before = tokens(Engine(m), PROMPTS, 6)
+    relayout_for_cpu_decode(m)                     # (in, out) storage, as cpu_layout leaves it
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    assert pack_for_cpu_inference(m) is m
+    assert all(p.is_contiguous() for p in m.parameters())
+    assert m.lm_head.weight is m.transformer.wte.weight
+    assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
+    assert tokens(Engine(m), PROMPTS, 6) == before
