@@ -8,8 +8,9 @@ block, which only the compiler knows. `resident_programs(kernel, args, kwargs, d
   * on CUDA: compiles the launch (JITFunction.warmup: same specialisation and constexprs as the
     launch that follows, so the launch hits Triton's cache), reads n_regs and metadata.shared,
     and returns ctas_per_sm(...) x SM count; cached per (kernel, constexprs, dtypes, device);
-  * on fake tensors (torch.compile tracing): the cached value when the same launch already ran
-    eagerly, else the fixed fallback;
+  * while tracing (torch.compile: fake or functional tensors, which have no data to compile
+    against): the cached value when the same launch already ran eagerly, else the fixed
+    fallback (2 per SM: what the GPT-2-width backward kernels get on sm_90);
   * elsewhere (the interpreter on CPU): `cpu` programs (fewer programs interpret faster).
 
 ctas_per_sm follows the CUDA occupancy calculator: registers are allocated per warp in units of
@@ -18,7 +19,7 @@ at most 2048 threads and 32 blocks per SM. Device limits come from torch's devic
 when present, else sm_90's (65536 registers, 228 KB shared memory per SM).
 """
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import is_fake
 
 from ._registry import INTERPRET
 
@@ -43,6 +44,13 @@ def _device_limits(device: torch.device) -> dict:
             "blocks": SM90_LIMITS["blocks"]}
 
 
+def _real(a) -> bool:
+    """A tensor with data (not a fake, functional or other tensor subclass seen while tracing)."""
+    if not isinstance(a, torch.Tensor):
+        return True
+    return type(a) in (torch.Tensor, torch.nn.Parameter) and not is_fake(a)
+
+
 def _key(kernel, args, kwargs, device) -> tuple:
     sig = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else type(a).__name__ for a in args)
     return (kernel, sig, tuple(sorted(kwargs.items())), device.index)
@@ -56,7 +64,7 @@ def resident_programs(kernel, args: tuple, kwargs: dict, device: torch.device,
     key = _key(kernel, args, kwargs, device)
     per_sm = _CACHE.get(key)
     if per_sm is None:
-        if any(isinstance(a, FakeTensor) for a in args):
+        if torch.compiler.is_compiling() or not all(_real(a) for a in args):
             per_sm = fallback_per_sm
         else:
             compiled = kernel.warmup(*args, grid=(1,), **kwargs)

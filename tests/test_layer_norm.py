@@ -262,3 +262,39 @@ def test_ctas_per_sm_follows_the_occupancy_rules():
 def test_resident_programs_off_cuda_is_the_fixed_fallback(device):
     from gpt2_fast.kernels._occupancy import resident_programs
     assert resident_programs(object(), (), {}, torch.device("cpu"), cpu=4) == 4
+
+
+def test_resident_programs_on_cuda_reads_the_compiled_kernel_once(monkeypatch):
+    """The CUDA path, with a stand-in kernel and device (no GPU here): regs/smem of the compiled
+    kernel -> CTAs per SM x SMs, compiled once per key; while tracing, the cached value or the
+    fixed fallback, never a compile."""
+    import types
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from gpt2_fast.kernels import _occupancy as occ
+    props = types.SimpleNamespace(multi_processor_count=132, regs_per_multiprocessor=65536,
+                                  shared_memory_per_multiprocessor=233472,
+                                  max_threads_per_multi_processor=2048)
+    monkeypatch.setattr(occ, "INTERPRET", False)
+    monkeypatch.setattr(occ.torch.cuda, "get_device_properties", lambda d: props)
+    monkeypatch.setattr(occ, "_CACHE", {})
+    compiles = []
+
+    class Kernel:
+        def warmup(self, *args, grid, **kwargs):
+            compiles.append(kwargs)
+            md = types.SimpleNamespace(shared=16408, num_warps=kwargs["num_warps"])
+            return types.SimpleNamespace(n_regs=96, metadata=md)
+    k, cuda = Kernel(), torch.device("cuda", 0)
+    x = torch.empty(4, 8)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert occ.resident_programs(k, (fake, 3), {"num_warps": 8, "B": 2}, cuda) == 2 * 132   # fallback
+    assert compiles == []
+    assert occ.resident_programs(k, (x, 3), {"num_warps": 8, "B": 2}, cuda) == 2 * 132      # 96 regs
+    assert occ.resident_programs(k, (x, 5), {"num_warps": 8, "B": 2}, cuda) == 2 * 132
+    assert occ.resident_programs(k, (fake, 5), {"num_warps": 8, "B": 2}, cuda) == 2 * 132
+    assert len(compiles) == 1
+    assert occ.resident_programs(k, (x, 3), {"num_warps": 2, "B": 2}, cuda) == 10 * 132     # 21 warps by regs / 2
+    assert len(compiles) == 2
