@@ -199,8 +199,9 @@ def test_torch_compile_traces(ln):
 
 # ---- the dW/dB partials summed in one launch (kernels/_reduce.py), persistent-grid sizing ----
 
-@pytest.mark.parametrize("P,N", [(1, 1), (3, 257), (33, 768), (5, 1600)])
-@pytest.mark.parametrize("dtype", DTYPES)
+# (P, N): one partial of one column, odd widths, P over one 64-row slab; a GPT-2 width in fp32
+@pytest.mark.parametrize("P,N,dtype", [(P, N, dt) for P, N in [(1, 1), (3, 257), (70, 40)] for dt in DTYPES]
+                         + [(33, 768, torch.float32)])
 def test_sum_partials_matches_torch_and_is_deterministic(device, P, N, dtype):
     _skip_unless_triton(device)
     from gpt2_fast.kernels._reduce import sum_partials
