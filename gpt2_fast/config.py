@@ -133,7 +133,7 @@ class TrainConfig:
                                          "(less memory, ~1/3 more compute; same gradients)")
     # run control (may change on --resume)
     out_dir: str = _f("out/train", "the run folder: checkpoints, log.jsonl, config.json, loss.png "
-                                   "(--out is the same option)")
+                                   "(default out/train)")
     resume: str = _f("", "'auto' (the latest checkpoint in the run folder) or a checkpoint path")
     overwrite: bool = _f(False, "start afresh in a run folder that holds an earlier run: delete that "
                                 "run's checkpoints, log.jsonl, config.json and plots (other files stay)")

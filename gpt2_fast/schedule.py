@@ -13,6 +13,9 @@ from typing import Optional
 from .config import TrainConfig
 
 
+WARMUP_TIME_FRACTION = 0.05  # with time_schedule, warmup also ends after this share of max_seconds
+
+
 def lr_at(cfg: TrainConfig, step: int, anchor: Optional[dict] = None, elapsed: Optional[float] = None) -> float:
     """Learning rate of update `step` (0-based): linear warmup, then cosine down to min_lr at
     max_steps.
@@ -20,17 +23,22 @@ def lr_at(cfg: TrainConfig, step: int, anchor: Optional[dict] = None, elapsed: O
     anchor {"step": k, "lr": lr_k}: set when a run is resumed at step k with another max_steps;
     from step k on, the cosine runs from lr_k (the rate the old schedule had reached, so there is
     no jump) down to min_lr at the new max_steps. elapsed (seconds, with cfg.time_schedule): the
-    decay's progress is the larger of the step and the time fraction (max_seconds)."""
-    if step < cfg.warmup_steps:
+    decay's progress is the larger of the step and the time fraction (of max_seconds), and the
+    warmup ends after warmup_steps or WARMUP_TIME_FRACTION of the time, whichever comes first (a
+    slow machine must not spend its whole budget warming up)."""
+    timed = cfg.time_schedule and elapsed is not None
+    if step < cfg.warmup_steps and not timed:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     start, top = cfg.warmup_steps, cfg.lr
     if anchor is not None and step >= anchor["step"]:
         start, top = anchor["step"], anchor["lr"]
-    progress = (step - start) / max(1, cfg.max_steps - start)
-    if cfg.time_schedule and elapsed is not None:
+    progress = max(0, step - start) / max(1, cfg.max_steps - start)
+    warm = 1.0
+    if timed:
         progress = max(progress, elapsed / cfg.max_seconds)
+        warm = min(1.0, max((step + 1) / max(1, cfg.warmup_steps), elapsed / (WARMUP_TIME_FRACTION * cfg.max_seconds)))
     progress = min(1.0, progress)
-    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (top - cfg.min_lr)
+    return warm * (cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (top - cfg.min_lr))
 
 
 def schedule_anchor(saved_cfg: dict, saved_metrics: dict, step: int, cfg: TrainConfig) -> Optional[dict]:

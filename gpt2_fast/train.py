@@ -533,7 +533,8 @@ def _progress_bar(cfg: TrainConfig, d: Dist, start: int):
     if not (d.master and cfg.progress):
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True)
+    total = None if cfg.time_schedule else cfg.max_steps  # a time budget: the clock, not max_steps, ends it
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
 
 def train(cfg: TrainConfig) -> dict:

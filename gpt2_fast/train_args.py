@@ -98,6 +98,11 @@ def build_config(base: Optional[str] = None, overrides: Optional[dict] = None, *
     return TrainConfig(**{k: _check_type(k, v, types[k]) for k, v in values.items()})
 
 
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata.get("help", "")
+    return text if "default" in text else f"{text} (default {f.default!r})"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("base", nargs="?", default=None,
                    help="a preset (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or a .toml/.json file of "
@@ -111,7 +116,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         kind = next((a for a in typing.get_args(tp) if a is not type(None)), tp).__name__
         p.add_argument(*names, dest=f.name, default=None, metavar="BOOL" if bool_flag else kind.upper(),
                        nargs="?" if bool_flag else None, const="true" if bool_flag else None,
-                       help=f"{f.metadata.get('help', '')} (default {f.default!r})".lstrip())
+                       help=_help(f))
 
 
 def config_from_args(args) -> TrainConfig:

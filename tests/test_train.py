@@ -1,6 +1,7 @@
 """gpt2_fast.train: config parsing, schedule, a real (tiny) run, exact resume, signals, bad input."""
 import gzip
 import json
+import math
 import os
 import signal
 import threading
@@ -378,6 +379,8 @@ def test_tensorboard_and_wandb_when_asked_for(corpus, tmp_path, monkeypatch, cap
 def test_time_schedule_decays_over_the_budget():
     c = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=2, max_steps=10**6, max_seconds=100.0, time_schedule=True)
     assert lr_at(c, 1, elapsed=0.0) == pytest.approx(1.0)
+    assert lr_at(c, 0, elapsed=0.0) == pytest.approx(0.5)  # warmup: 2 steps, or 5 s (5% of 100 s)
+    assert lr_at(c, 0, elapsed=5.0) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.05)))
     assert lr_at(c, 5, elapsed=50.0) == pytest.approx(0.55)
     assert lr_at(c, 6, elapsed=150.0) == pytest.approx(0.1)
     with pytest.raises(ValueError, match="time_schedule needs max_seconds"):
