@@ -166,7 +166,8 @@ def compiled_runner(fn, device: torch.device, reset=None) -> CompiledRunner:
     if device.type != "cuda":
         raise NotImplementedError(f"GPT2_FAST_DECODE_RUNNER=compile needs CUDA (reduce-overhead is CUDA "
                                   f"graphs); this engine is on {device}")
-    runner = CompiledRunner(fn)
-    if reset is not None:
-        reset()
+    for compile_it in (False, True):  # eager first: lazy buffers (the fused step's scratch) and
+        runner = CompiledRunner(fn) if compile_it else fn()  # Triton's compiles stay out of the trace
+        if reset is not None:
+            reset()
     return runner
