@@ -4,14 +4,15 @@
 # Run by .ci/run after `make test`; users' `make test` does not need it.
 #
 #   CUDA_VENV    venv with the CUDA torch (default /work/.venv-cuda; created when missing, reused after)
-#   CUDA_HOME    default /usr/local/cuda (nvcc 13.0, cudart; its cublas/cusparse headers come from the
-#                venv's nvidia/cu13/include, which torch's headers need)
+#   CUDA_HOME    default: the toolkit folder nvcc reports (.ci/cuda_env.sh; nvcc on PATH may be a wrapper
+#                outside it), else /usr/local/cuda; cublas/cusparse headers come from the venv's
+#                nvidia/cu13/include (CPATH), which torch's headers need. bench/gpu_check.sh does the same.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 CUDA_VENV=${CUDA_VENV:-/work/.venv-cuda}
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-export PATH="$CUDA_HOME/bin:$PATH"
+# shellcheck source=cuda_env.sh
+source "$ROOT/.ci/cuda_env.sh"
 TORCH_PIN=${TORCH_PIN:-2.14.1}
 start=$(date +%s)
 
@@ -22,7 +23,8 @@ if ! "$CUDA_VENV/bin/python" -c "import torch, sys; sys.exit(0 if torch.version.
 fi
 PY="$CUDA_VENV/bin/python"
 SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-export CPATH="$SITE/nvidia/cu13/include${CPATH:+:$CPATH}"
+cuda_env "$PY"
+cuda_env_report
 export TORCH_CUDA_ARCH_LIST=9.0
 unset GPT2_FAST_CUDA_ARCHS GPT2_FAST_NO_CUDA GPT2_FAST_SKIP_EXT
 export MAX_JOBS=${MAX_JOBS:-2}
@@ -57,4 +59,25 @@ for k in layer_norm_fwd_kernel layer_norm_bwd_kernel bias_gelu_fwd_kernel bias_g
          flash_fwd_wmma_kernel decode_split_kernel; do
   grep -q "$k" <<<"$SYMS" || { echo "cuda_compile_check: FAILED, kernel $k is missing from the sm_90 code" >&2; exit 1; }
 done
+# Accurate math (gpt2_fast/build_ext.py builds without --use_fast_math). Fast math's fingerprints in
+# the sm_90 SASS: tanh.approx (MUFU.TANH) anywhere, and flush-to-zero on (nearly) every FADD/FMUL/FFMA
+# of a kernel (-ftz=true); accurate library code uses a few .FTZ instructions on purpose (the slow path
+# of an IEEE division), so a kernel fails only when most of its FP32 arithmetic flushes. The GELU
+# kernels promise accurate tanhf (MUFU.EX2 + MUFU.RCP and FMAs instead of MUFU.TANH).
+"$CUOBJDUMP" -sass "$SO" >"$TMP/sass.txt"
+awk '/Function :/ { fn = $3; n++ }
+     /MUFU\.TANH/ { tanh[fn]++ }
+     / F(ADD|MUL|FMA)[ .]/ { arith[fn]++; if ($0 ~ / F(ADD|MUL|FMA)[A-Z0-9.]*\.FTZ/) ftz[fn]++ }
+     /MUFU\./ { if (fn ~ /bias_gelu/) { match($0, /MUFU\.[A-Z0-9]+/); gelu[substr($0, RSTART, RLENGTH)]++ } }
+     END {
+       bad = 0
+       for (f in tanh) { print "cuda_compile_check: FAILED, MUFU.TANH (fast-math tanh) in " f; bad = 1 }
+       for (f in arith) if (arith[f] >= 8 && ftz[f] * 2 > arith[f]) {
+         print "cuda_compile_check: FAILED, " ftz[f] " of " arith[f] " FADD/FMUL/FFMA flush to zero (fast math) in " f
+         bad = 1 }
+       s = ""; for (m in gelu) s = s " " m "x" gelu[m]
+       printf "cuda_compile_check: math: %d kernels, %s; bias_gelu kernels use%s\n", n, \
+              bad ? "FAST-MATH CODE FOUND" : "no MUFU.TANH, no flush-to-zero arithmetic", s
+       exit bad }' "$TMP/sass.txt" || { echo "cuda_compile_check: FAILED, fast-math code in the sm_90 SASS (see above)" >&2; exit 1; }
+grep -q "bias_gelu_fwd_kernel" "$TMP/sass.txt" || { echo "cuda_compile_check: FAILED, no bias_gelu SASS to check" >&2; exit 1; }
 echo "cuda_compile_check: OK ($(basename "$SO"), sm_90, $(( $(date +%s) - start )) s)"

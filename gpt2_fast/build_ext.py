@@ -98,7 +98,11 @@ def compile_args(with_cuda: bool, archs: Optional[list[str]] = None) -> tuple[di
     if with_cuda:
         defines.append("-DGPT2_FAST_WITH_CUDA")
         args["cxx"] = cxx + ["-DGPT2_FAST_WITH_CUDA"]
-        args["nvcc"] = ["-O3", "--use_fast_math", "-Xcompiler", "-g0", "-DGPT2_FAST_WITH_CUDA",
+        # No --use_fast_math: it would turn every tanhf into tanh.approx (MUFU.TANH, ~5e-4 relative
+        # error: the GELU kernels promise accurate tanh), divisions and sqrt into approximations, and
+        # flush denormals (-ftz) in every kernel. A kernel that wants an approximate intrinsic calls
+        # it by name (__expf, __fdividef, ...). .ci/cuda_compile_check.sh checks the SASS for this.
+        args["nvcc"] = ["-O3", "-Xcompiler", "-g0", "-DGPT2_FAST_WITH_CUDA",
                         "--expt-relaxed-constexpr"] + gencode_flags(archs or cuda_archs())
     return args, omp_l, defines
 
