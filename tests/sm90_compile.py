@@ -477,7 +477,9 @@ def select_cases(only: Optional[str], tier: int, shard: tuple[int, int],
     return todo[shard[0]::shard[1]]
 
 
-def run_cases(todo, verbose=True) -> list[Row]:
+def run_cases(todo, verbose=True, progress: Optional[str] = None) -> list[Row]:
+    """Compile every (case, dtype); with `progress`, the rows so far are rewritten there (JSON) after
+    each case, so a run cut short by a timeout still leaves its table."""
     tool = cuobjdump_path()
     seen: set = set()
     rows: list[Row] = []
@@ -489,6 +491,10 @@ def run_cases(todo, verbose=True) -> list[Row]:
             msg = str(e).strip().splitlines()
             new = [Row(case.name, dt, "-", "-", status=f"ERROR: {type(e).__name__}: {msg[0] if msg else ''}"[:300])]
         rows += new
+        if progress:
+            with open(progress + ".tmp", "w") as f:
+                json.dump({"partial": True, "rows": [asdict(r) for r in rows]}, f)
+            os.replace(progress + ".tmp", progress)
         if verbose:
             bad = sum(r.failed for r in new)
             print(f"sm90_compile: {case.name} [{dt}]: {len(new)} kernels, {time.perf_counter() - t0:.1f} s"
@@ -555,7 +561,7 @@ def main(argv=None) -> int:
         print("\n".join(f"kernel {k} ({f})" for k, f in kernels.items()))
         return 0
     t0 = time.perf_counter()
-    rows = run_sharded(args) if args.jobs > 1 else run_cases(todo)
+    rows = run_sharded(args) if args.jobs > 1 else run_cases(todo, progress=args.json)
     wall = time.perf_counter() - t0
     partial = args.only or args.tier == 0 or args.dtypes
     uncovered = [] if partial else sorted(set(kernels) - {r.kernel for r in rows})
