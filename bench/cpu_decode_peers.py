@@ -307,6 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--engines", default=",".join(ENGINES))
     p.add_argument("--out", default=os.path.join(HERE, "results", "cpu-decode-peers.json"))
+    p.add_argument("--keep", default=None, help="a folder for the weights and the peers' exports, reused "
+                                                 "when it already has them (default: a temporary one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -330,16 +332,19 @@ def drive(args, engines, threads) -> int:
     from gpt2_fast import GPT, GPTConfig
     from gpt2_fast.benchmarks.common import stamp, write_json
     load_before = open("/proc/loadavg").read().split()[:3]
-    with tempfile.TemporaryDirectory() as work:
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.keep or tmp
         model_dir = os.path.join(work, "hf")
         torch.manual_seed(0)
         model = GPT(GPTConfig.from_name(args.config)).eval()
-        model.save_pretrained(model_dir)
+        reuse = os.path.exists(os.path.join(model_dir, "config.json"))
+        if not reuse:
+            model.save_pretrained(model_dir)
         cfg = dict(n_layer=model.config.n_layer, n_head=model.config.n_head, n_embd=model.config.n_embd)
         wbytes = {k: floor_bytes(model, k) for k in ("fp32", "bf16", "int8")}
         del model
         prompt = torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-        skipped = prepare_peers(engines, model_dir, work)
+        skipped = {} if reuse else prepare_peers(engines, model_dir, work)
         engines = [e for e in engines if e not in skipped]
         results = {}
         for t in threads:
