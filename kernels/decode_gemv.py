@@ -297,7 +297,8 @@ def _bf16_interp(t: torch.Tensor) -> bool:
 def gemv_blocks(M: int, N: int, K: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps). GPU: 8-16 columns per program (gpt2's 768-wide
     projections -> 96 programs), 128 K per chunk (16 B per thread-load for 16-bit weights),
-    the 3-D product tile BLOCK_M x BLOCK_N x BLOCK_K <= 4096 fp32 (8192 spills at M 4 x N 16). Interpreter: few, big programs."""
+    the 3-D product tile BLOCK_M x BLOCK_N x BLOCK_K <= 4096 fp32 (8192 spills at M 4 x N 16).
+    Interpreter: few, big programs."""
     bm = min(triton.next_power_of_2(max(M, 1)), 4 if not INTERPRET else 16)
     if INTERPRET:  # its cost is per program and per op, not per element: wide tiles
         bn = min(triton.next_power_of_2(N), 1024)

@@ -35,8 +35,8 @@ def test_launches_per_step_are_pinned(model, step, sampling):
     per_layer, fixed = PINNED[(step, sampling)]
     assert r["host_reads"] == {}, f"the {step} step reads from the host: {r['host_reads']}"
     assert r["linear"], r
-    assert r["per_layer"] <= per_layer and r["fixed"] <= fixed, f"{step}/{sampling} grew: {r['per_layer']}/layer + {r['fixed']} fixed " \
-                                 f"> pinned {per_layer} + {fixed}: {r['by_op']}"
+    grew = f"{step}/{sampling} grew: {r['per_layer']}/layer + {r['fixed']} fixed > pinned {per_layer} + {fixed}"
+    assert r["per_layer"] <= per_layer and r["fixed"] <= fixed, f"{grew}: {r['by_op']}"
     if step == "fused":
         assert (r["per_layer"], r["fixed"]) == (per_layer, fixed), r["by_op"]
         assert per_layer <= 6 and fixed <= 10          # the budget
