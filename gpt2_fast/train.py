@@ -324,6 +324,9 @@ class Trainer:
                   f"{self.tokens_per_step:,} tokens/step ({cfg.batch_size} x {cfg.seq_len} x {self.accum} accum "
                   f"x {d.world_size}), {self.train_loader.n_tokens:,} train tokens, steps "
                   f"{self.start_step}..{cfg.max_steps}", file=sys.stderr)
+            if self.accum >= 256:
+                print(f"gpt2-fast train: note: {self.accum:,} micro-batches per optimizer step (total_batch_size "
+                      f"{cfg.total_batch_size:,}); for a quick run lower --total_batch_size", file=sys.stderr)
 
     # -- one optimizer step ------------------------------------------------------------------
 

@@ -158,7 +158,8 @@ def test_cli_train_and_eval(corpus, tmp_path, capsys):
     from gpt2_fast.cli import main
     out = str(tmp_path / "run")
     args = ["train", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--seq_len=32",
-            "--batch_size=2", "--max_steps=2", f"--data={corpus}", f"--out_dir={out}", "--progress=false",
+            "--batch_size=2", "--max_steps=2", "--total_batch_size=0", f"--data={corpus}", f"--out_dir={out}",
+            "--progress=false",
             "--plot=false", "--device=cpu"]
     assert main(args) == 0
     ckpt = os.path.join(out, "ckpt_00000002.pt")
