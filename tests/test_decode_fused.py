@@ -284,3 +284,13 @@ def test_fused_step_choice_and_errors(monkeypatch):
     monkeypatch.setenv("GPT2_FAST_INT8_MATMUL", "dequant")
     with pytest.raises(NotImplementedError, match="GPT2_FAST_INT8_MATMUL=dequant"):
         Engine(quantize_int8(model), cuda_graph=False)._prepare(1, 4)
+
+
+@pytest.mark.slow
+def test_fused_step_equals_unfused_bucket64(device):
+    """The largest bucket: 64 ragged rows (GEMV row blocks, a 64-row sampler grid). Full: a spare
+    row's EOT (50256) is no token of this 97-word model, and the unfused step's embedding rejects it."""
+    model = tiny_model(device, n_embd=32, n_head=2, n_layer=1)
+    prompts = prompts_of([1 + i % 7 for i in range(64)], 97, seed=64)
+    for kw in (dict(temperature=0), SAMPLED):
+        assert tokens(model, "fused", prompts, 3, **kw) == tokens(model, "unfused", prompts, 3, **kw), kw
