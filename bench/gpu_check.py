@@ -216,9 +216,11 @@ def _side_status(rc: int, text: str, value) -> str:
     return f"FAILED rc={rc}"
 
 
-def run_ab(out: str, deadline: float, cap: float, dry_run: bool) -> int:
-    """Every side of every choice; OUT/ab.json. rc 1 when a side FAILED (not: not implemented)."""
+def run_ab(out: str, deadline: float, cap: float, dry_run: bool, rows: str = "") -> int:
+    """Every side of every choice (or of the comma list `rows`); OUT/ab.json. rc 1 when a side
+    FAILED (not: not implemented, n/a here, timed out, skipped)."""
     from gpt2_fast.choices import CHOICES
+    CHOICES = {k: v for k, v in CHOICES.items() if not rows or k in rows.split(",")}
     results = {name: {"env": c.env, "default": c.default, "sides": {s: {"status": "not run"} for s in c.options}}
                for name, c in CHOICES.items()}
     _write_json(os.path.join(out, "ab.json"), results)  # the plan first: a killed stage still leaves it
@@ -277,7 +279,7 @@ def ab_lines(out: str) -> list[str]:
         best = min(measured, key=measured.get) if len(measured) == len(sides) and len(sides) > 1 else None
         for side, e in sides.items():
             mark = " <- fastest" if side == best else ""
-            lines.append(f"  {name:18s} {r['env']}={side:14s} {e.get('status', '?'):16s} "
+            lines.append(f"  {name:22s} {r['env'] + '=' + side:40s} {e.get('status', '?'):16s} "
                          f"{e.get('figure') or ''}{mark}")
     return lines
 
@@ -318,6 +320,7 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, required=True, help="epoch seconds: no side starts after")
     p.add_argument("--cap", type=float, default=90.0, help="seconds per side at most")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes")
+    p.add_argument("--rows", default="", help="comma list of choices.py rows (default: all)")
     p = sub.add_parser("summary")
     p.add_argument("out")
     p.add_argument("--stages", required=True)
@@ -329,7 +332,7 @@ def main(argv=None) -> int:
         for what, finding in preconditions():
             print(f"precondition {what}: {finding}")
     elif args.cmd == "ab":
-        return run_ab(args.out, args.deadline, args.cap, args.dry_run)
+        return run_ab(args.out, args.deadline, args.cap, args.dry_run, args.rows)
     elif args.cmd == "summary":
         return summary(args.out, args.stages, json.loads(args.extra))
     return 0

@@ -147,7 +147,7 @@ export GPT2_FAST_TRITON_AUTOTUNE=${GPU_CHECK_AB_AUTOTUNE:-0}  # A/B: one fixed c
 AB_CAP=170
 ab_deadline=$(( $(date +%s) + AB_CAP - 10 )); (( ab_deadline > DEADLINE - 5 )) && ab_deadline=$(( DEADLINE - 5 ))
 run_stage ab "$AB_CAP" "$PY" "$ROOT/bench/gpu_check.py" ab "$OUT_DIR" --deadline "$ab_deadline" \
-    --cap "${GPU_CHECK_AB_SIDE_S:-60}" $([ "$DRY" = 1 ] && echo --dry-run)
+    --cap "${GPU_CHECK_AB_SIDE_S:-$([ "$DRY" = 1 ] && echo 30 || echo 60)}" $([ "$DRY" = 1 ] && echo --dry-run)
 unset GPT2_FAST_TRITON_AUTOTUNE     # the benchmarks autotune
 if [ "$DRY" = 1 ]; then  # the quick modes' own tiny CPU shapes
     KERNEL_ARGS=(--quick --ops layer_norm,bias_gelu --providers torch,triton); XL=gpt2; TRAIN_ARGS=(--quick)
