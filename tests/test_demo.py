@@ -20,6 +20,7 @@ def small_corpus(tmp_path_factory):
     return str(path)
 
 
+@pytest.mark.slow  # ~150 s at load 15 here; the rule itself (--overwrite keeps foreign files) is in test_train
 def test_demo_reruns_replace_only_the_demos_own_files(small_corpus, tmp_path, capsys):
     """Issue 14.2: `demo --out D` used to rmtree D/train. A rerun replaces the earlier demo run's
     checkpoints and log, and leaves every other file in D/train alone."""
