@@ -144,7 +144,7 @@ run_stage tests-kernels 150 "${PYTEST[@]}" -k "($TEST_K) and not ($SLOW_K)" "${k
 
 # ---- A/B of gpt2_fast/choices.py, then the benchmarks -----------------------------------------------
 export GPT2_FAST_TRITON_AUTOTUNE=${GPU_CHECK_AB_AUTOTUNE:-0}  # A/B: one fixed config (autotuning each side does not fit)
-AB_CAP=$([ "$DRY" = 1 ] && echo 100 || echo 170)  # dry run: leave time for every later stage
+AB_CAP=$([ "$DRY" = 1 ] && echo 130 || echo 170)  # dry run: every row, and time for every later stage
 ab_deadline=$(( $(date +%s) + AB_CAP - 10 )); (( ab_deadline > DEADLINE - 5 )) && ab_deadline=$(( DEADLINE - 5 ))
 run_stage ab "$AB_CAP" "$PY" "$ROOT/bench/gpu_check.py" ab "$OUT_DIR" --deadline "$ab_deadline" \
     --cap "${GPU_CHECK_AB_SIDE_S:-$([ "$DRY" = 1 ] && echo 30 || echo 60)}" $([ "$DRY" = 1 ] && echo --dry-run)
