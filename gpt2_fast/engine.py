@@ -192,6 +192,8 @@ class Engine:
                  decode_step: Optional[str] = None):
         _check_model(model)
         self.model = model
+        # what finished and spare rows feed back: EOT, or 0 where the vocabulary has no EOT id
+        self._filler = EOT_TOKEN if model.config.vocab_size > EOT_TOKEN else 0
         self.device = model.transformer.wte.weight.device
         if cuda_graph is None:
             cuda_graph = self.device.type == "cuda"
@@ -266,7 +268,7 @@ class Engine:
         else:
             logits = self.model.forward_cached(tok, pos, buf.kv_start, live=live)[:, -1]  # (Bb, V)
         nxt = sample_on_device(logits, mode, buf.temperature, buf.top_p, buf.seed, pos)
-        nxt = torch.where(buf.done, torch.full_like(nxt, EOT_TOKEN), nxt)   # finished rows keep EOT
+        nxt = torch.where(buf.done, torch.full_like(nxt, self._filler), nxt)  # finished rows keep EOT
         buf.seq.index_copy_(1, pos + 1, nxt[:, None])
         buf.done |= (nxt == EOT_TOKEN) & buf.stop
         buf.pos += 1

@@ -256,3 +256,17 @@ def test_step_reads_nothing_on_the_host(step):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=97, block_size=16)).eval()
     for sampling in ("greedy", "sample"):
         assert count_step(model, step, sampling, batch=2).host_reads == {}, (step, sampling)
+
+
+def test_small_vocabulary_without_eot_fills_spare_rows_safely(monkeypatch):
+    """A vocabulary below the EOT id: the bucket's spare rows must not feed EOT to the embedding."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=97, block_size=64)).eval()
+    outs = []
+    for fused in ("0", "1"):  # the module-by-module step and the C++ CPU step
+        monkeypatch.setenv("GPT2_FAST_CPU_FUSED", fused)
+        eng = Engine(model)
+        outs.append([t.tolist() for t in eng.generate_ids([[1, 2, 3], [4, 5, 6], [7, 8, 9]],
+                                                          max_new_tokens=4, temperature=0.0)])
+    assert outs[0] == outs[1]
+    assert all(0 <= t < 97 for step in outs[0] for t in step)
