@@ -40,6 +40,11 @@ DEADLINE=$(( START + BUDGET - RESERVE ))  # no stage runs past this (+ 5 s to ki
 PY=${PYTHON:-python3}
 if [ -z "${PYTHON:-}" ] && ! "$PY" -c "import torch" >/dev/null 2>&1 && [ -x .venv/bin/python ]; then PY=$ROOT/.venv/bin/python; fi
 PY=$(command -v "$PY" || echo "$PY")
+# no GPU (and no dry run): say so and write nothing
+if [ "$DRY" != 1 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+    echo "[gpu_check] NO GPU HERE: torch sees no CUDA device; nothing was built or measured on a GPU. (GPU_CHECK_DRY_RUN=1 runs the flow on CPU.)"
+    exit 0
+fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 if [ -n "${OUT:-}" ]; then OUT_DIR=$OUT; elif [ "$DRY" = 1 ]; then OUT_DIR=$WORK/out; else OUT_DIR=bench/results; fi
@@ -98,10 +103,6 @@ else
     DEVICE_ARGS=(); TEST_K=${GPU_CHECK_TEST_K:-cuda}
 fi
 say "repo $ROOT, git $GPT2_FAST_GIT_SHA, python $PY, results -> $OUT_DIR, budget ${BUDGET}s (summary reserve ${RESERVE}s)$([ "$DRY" = 1 ] && echo ', DRY RUN on CPU')"
-if [ "$DRY" != 1 ] && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
-    say "NO GPU HERE: torch sees no CUDA device; nothing was built or measured. (GPU_CHECK_DRY_RUN=1 runs the flow on CPU.)"
-    exit 0
-fi
 # shellcheck source=../.ci/cuda_env.sh
 source "$ROOT/.ci/cuda_env.sh" && cuda_env "$PY" && cuda_env_report 2>&1 | sed 's/^/precondition /' | tee -a "$LOG"
 (cd "$WORK/pkg" && timeout 60 "$PY" "$ROOT/bench/gpu_check.py" preconditions) 2>&1 | tee -a "$LOG"

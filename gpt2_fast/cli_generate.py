@@ -29,28 +29,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default=None, help="kernel backend: auto, torch, triton, cuda, cpp")
 
 
-def parse_device(name) -> torch.device:
-    """--device as a torch.device (default: cuda if available); a clear error for an unusable one."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device expects cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device expects cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: torch sees no CUDA device here (torch {torch.__version__}, "
-                             f"CUDA build {torch.version.cuda}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
-
-
 def check_model_arguments(args) -> torch.device:
     """Validate --device / --backend / --config before anything is loaded; returns the device."""
     from .config import BACKENDS, PRESETS
+    from .devices import parse_device
     device = parse_device(args.device)
     if args.backend is not None and args.backend not in BACKENDS:
         raise ValueError(f"--backend expects one of {', '.join(BACKENDS)}, got {args.backend!r}")

@@ -39,6 +39,7 @@ from . import run_dir
 from .checkpoint import CheckpointManager, model_from_state, model_state_dict, rng_state, set_rng_state
 from .config import GPTConfig, TrainConfig
 from .data import TokenLoader, read_shard, shard_paths
+from .devices import parse_device
 from .distributed import Dist, all_reduce_mean, finish_distributed, fsdp_api, init_distributed
 from .run_dir import RunLock
 from .schedule import lr_at, schedule_anchor
@@ -73,25 +74,6 @@ def peak_flops(device: torch.device, bf16: bool) -> Optional[float]:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def resolve_device(name: str) -> torch.device:
-    """--device as a torch.device; a device this machine lacks is a ValueError naming the flag."""
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device: expected cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: training runs on cpu or cuda")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise ValueError(f"--device {name}: CUDA is not available here ({why}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
-    return dev
 
 
 def eval_batches(loader: TokenLoader, iters: int) -> int:
@@ -187,7 +169,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.device = resolve_device(cfg.device)
+        self.device = parse_device(cfg.device)
         self.d = d = init_distributed(self.device.type)
         if d.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", d.local_rank)

@@ -38,6 +38,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..atomic import atomic_write
+from ..devices import parse_device  # noqa: F401 (the benchmarks call common.parse_device)
 
 CPU_NOTE = "CPU figures: tiny shapes, few iterations; they say nothing about GPU speed"
 PERCENT_OF_CEILING = ("pct_ceiling", "pct_copy_bw", "mfu_datasheet_pct", "mfu_measured_pct")
@@ -62,18 +63,6 @@ DATASHEET_BF16_TFLOPS = (
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def parse_device(name: Optional[str]) -> torch.device:
-    if name is None:
-        return default_device()
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} asked for CUDA but torch sees no CUDA device "
-                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
-    return device
 
 
 def sync(device: torch.device) -> None:
