@@ -11,6 +11,7 @@ from gpt2_fast import GPT, GPTConfig
 from gpt2_fast.engine import Engine
 from gpt2_fast.quant import quantize_int8
 from lively import lively
+from test_cpu_gemv import runnable_isas  # one probe of the ISAs the extension was built with
 
 ext = pytest.importorskip("gpt2_fast.extension")
 if ext.unavailable_reason("cpu") or not hasattr(torch.ops.gpt2_fast, "cpu_gpt2_forward"):
@@ -30,17 +31,6 @@ def make_model(seed=0):
 @pytest.fixture(scope="module")
 def model():
     return make_model()
-
-
-def runnable_isas():
-    out = []
-    for i in (0, 1, 2):
-        try:
-            torch.ops.gpt2_fast.cpu_isa(i)
-            out.append(i)
-        except RuntimeError:
-            pass
-    return out
 
 
 def tokens(engine, prompts, n, **kw):
