@@ -230,7 +230,10 @@ def run_ab(out: str, deadline: float, cap: float, dry_run: bool, rows: str = "")
         for side in c.options:
             entry = results[name]["sides"][side]
             left = deadline - time.time()
-            helptext = _bench_help(args[0], left - 15) if args and left > 20 else ""
+            if args is not None and left <= 20:  # no time to read --help either: never run a side blind
+                entry.update(status=f"skipped: {left:.0f} s of the budget left")
+                continue
+            helptext = _bench_help(args[0], left - 15) if args else ""
             missing = [a for a in args or [] if a.startswith("--") and helptext and a not in helptext]
             if args is None or missing:
                 entry.update(status="not measured: " + (f"gpt2-fast bench {args[0]} has no {missing[0]}"
