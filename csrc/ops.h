@@ -43,6 +43,11 @@ std::string cpu_isa(int64_t isa);
 Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_start, at::TensorList globals,
                         at::TensorList layers, at::TensorList k_caches, at::TensorList v_caches, int64_t n_head,
                         int64_t n_vocab, double eps, bool all_logits, int64_t isa, bool lowp_act);
+// CPU training (csrc/cpu/lm_head_loss.cpp): the LM head + cross-entropy of h (N, C) and the tied
+// weight (Vp, C) over vocab [0, vocab_size) -> (mean loss fp32 scalar, dL/dh (N, C) fp32,
+// dL/dW (Vp, C) fp32); the gradients only with need_grad (else empty)
+std::tuple<Tensor, Tensor, Tensor> lm_head_ce_fwd_cpu(const Tensor& h, const Tensor& weight, const Tensor& targets,
+                                                      int64_t ignore_index, int64_t vocab_size, bool need_grad);
 
 #ifdef GPT2_FAST_WITH_CUDA
 // CUDA (csrc/*.cu)

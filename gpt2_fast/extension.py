@@ -35,7 +35,8 @@ from torch import Tensor
 
 from . import build_ext, reference
 
-OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "attention", "decode_attention")
+OPS = ("layer_norm", "add_layer_norm", "bias_gelu", "attention", "decode_attention", "lm_head_cross_entropy")
+CPU_ONLY_OPS = ("lm_head_cross_entropy",)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The ops "auto" takes from this backend on CPU: only those measured faster than the torch
@@ -45,7 +46,10 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # faster than the torch backend in every row of three runs (forward ~1.5-10x, fwd+bwd ~1.3-9x; CPU
 # attention with gradients runs the reference itself: ~1x). The machine is shared and noisy;
 # torch's own fused F.layer_norm is still faster than our LayerNorm forward.
-CPU_AUTO_OPS: tuple[str, ...] = ("layer_norm", "add_layer_norm", "bias_gelu", "attention", "decode_attention")
+# lm_head_cross_entropy (csrc/cpu/lm_head_loss.cpp): bench/cpu_lm_head_loss.py, 2026-11-30, quiet
+# machine: see bench/results/cpu-lm-head-loss.json.
+CPU_AUTO_OPS: tuple[str, ...] = ("layer_norm", "add_layer_norm", "bias_gelu", "attention", "decode_attention",
+                                 "lm_head_cross_entropy")
 
 _C = None
 _LOAD_ERROR: Optional[str] = None
@@ -89,6 +93,8 @@ def unavailable_reason(device_type: str) -> Optional[str]:
 
 
 def supports(op: str, device_type: str) -> bool:
+    if op in CPU_ONLY_OPS and device_type != "cpu":
+        return False
     return op in OPS and unavailable_reason(device_type) is None
 
 
@@ -138,6 +144,13 @@ def _register_fakes() -> None:
     def _(q, k_cache, v_cache, kv_len, kv_start, scale):
         B, H, T, D = q.shape
         return _bthd(q, B, H, T, D)
+
+    @reg("gpt2_fast::lm_head_ce_fwd")
+    def _(h, weight, targets, ignore_index, vocab_size, need_grad):
+        loss = h.new_empty((), dtype=f32)
+        if not need_grad:
+            return loss, h.new_empty((0,), dtype=f32), h.new_empty((0,), dtype=f32)
+        return loss, h.new_empty(h.shape, dtype=f32), weight.new_empty(weight.shape, dtype=f32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +380,46 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_len: Tensor
     kv_start = None if kv_start is None else kv_start.to(q.device)
     return torch.ops.gpt2_fast.decode_attention_fwd(_lastdim_contig(q), _lastdim_contig(k_cache),
                                                     _lastdim_contig(v_cache), kv_len, kv_start, scale)
+
+
+class LMHeadCrossEntropyFunction(torch.autograd.Function):
+    """The CPU op computes the gradients of the mean loss with the loss (its pass 2); backward
+    only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, vocab_size):
+        need = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        loss, dh, dw = torch.ops.gpt2_fast.lm_head_ce_fwd(hidden, weight, targets, ignore_index, vocab_size, need)
+        ctx.save_for_backward(dh, dw)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        dh, dw = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        # a plain loss.backward() sends 1: skip the two passes (g is a CPU scalar: reading it is no device sync)
+        if torch.compiler.is_compiling() or g.item() != 1.0:
+            dh, dw = dh * g, dw * g
+        return (dh.to(h_dtype) if ctx.needs_input_grad[0] else None,
+                dw.to(w_dtype) if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
+                          vocab_size: Optional[int] = None) -> Tensor:
+    """CE(hidden @ weight[:vocab_size].T, targets), mean over non-ignored rows (CPU only; see
+    reference.lm_head_cross_entropy_ref). hidden (N, C), weight (V_padded, C), targets (N,)."""
+    _check_tensor("hidden", "lm_head_cross_entropy", hidden, 2)
+    _check_tensor("weight", "lm_head_cross_entropy", weight, 2)
+    V = weight.shape[0] if vocab_size is None else int(vocab_size)
+    dtype = reference.matmul_dtype(hidden, weight)
+    if hidden.device.type != "cpu" or dtype not in DTYPES or weight.dtype not in DTYPES:
+        return reference.lm_head_cross_entropy_ref(hidden, weight, targets, ignore_index, vocab_size)
+    if hidden.shape[1] != weight.shape[1] or targets.shape != (hidden.shape[0],) or not 1 <= V <= weight.shape[0]:
+        raise ValueError(f"lm_head_cross_entropy: expected hidden (N, C), weight (>= vocab_size, C), targets "
+                         f"(N,) with vocab_size >= 1; got {tuple(hidden.shape)}, {tuple(weight.shape)}, "
+                         f"{tuple(targets.shape)}, vocab_size {vocab_size}")
+    return LMHeadCrossEntropyFunction.apply(hidden.to(dtype), weight, targets.long(), int(ignore_index), V)
 
 
 _load()
