@@ -3,7 +3,7 @@ torch's own fused CPU kernels, in the same run. Decides gpt2_fast.extension.CPU_
 
     .venv/bin/python bench/cpu_cpp_ops.py [--quick] [--out bench/results/cpu-cpp-vs-torch.json]
 
-Per op and dtype: median wall time of forward, and of forward + backward where the op has one,
+Per op and dtype (the LM head + cross-entropy at the (B*T, C) x (50257, C) of training): median wall time of forward, and of forward + backward where the op has one,
 at GPT-2 small widths. An op goes into CPU_AUTO_OPS when cpp beats the torch backend in every
 forward row of that op (fp32 and bf16) and is not slower (>= 0.9x, the noise here) in any
 fwd+bwd row. (cpp attention with gradients on CPU runs the reference itself: its fwd+bwd row is
@@ -81,6 +81,14 @@ def cases(quick: bool):
             "torch": lambda: reference.attention_ref(q, k, v, True),
             "torch_sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)},
             [q, k, v])
+        N, V = B * T, 50257
+        hid = torch.randn(N, C, dtype=dtype)
+        emb = (0.05 * torch.randn(V, C)).to(dtype)
+        tgt = torch.randint(0, V, (N,))
+        yield ("lm_head_cross_entropy", dtype, f"h ({N},{C}) W ({V},{C})", {
+            "cpp": lambda: extension.lm_head_cross_entropy(hid, emb, tgt),
+            "torch": lambda: reference.lm_head_cross_entropy_ref(hid, emb, tgt)},
+            [hid, emb])
         S = 1024
         qd = torch.randn(B, H, 1, D, dtype=dtype)
         kc, vc = torch.randn(B, H, S, D, dtype=dtype), torch.randn(B, H, S, D, dtype=dtype)
@@ -146,7 +154,7 @@ def main():
         note="median wall ms; 'torch' is the torch backend (gpt2_fast.reference, eager), 'native' "
              "torch's fused CPU op (F.layer_norm / F.gelu / SDPA) for reference; shared 2-core machine",
         rule="cpu auto op: cpp/torch speedup > 1 in every fwd row and >= 0.9 in every fwd+bwd row",
-        rows=rows, faster_than_torch_backend=faster)
+        load_average=os.getloadavg(), rows=rows, faster_than_torch_backend=faster)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -31,6 +31,7 @@ import sys
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import build_ext, reference
@@ -353,9 +354,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, dropout_p: f
     if dropout_p > 0.0 or not _kernel_ok(q, k, v):
         return reference.attention_ref(q, k, v, causal, dropout_p, scale)
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        # CPU training: the backward is the reference math anyway, and recomputing its forward
-        # after ours costs more than running the reference once (bench/cpu_cpp_ops.py)
-        return reference.attention_ref(q, k, v, causal, 0.0, scale)
+        # CPU training: torch's fused CPU flash attention has a backward and ours has none
+        # (bench/cpu_cpp_ops.py: its torch_sdpa column); Tq != Tk (causal aligned bottom-right,
+        # not SDPA's top-left) takes the reference math
+        if causal and q.shape[-2] != k.shape[-2]:
+            return reference.attention_ref(q, k, v, causal, 0.0, scale)
+        # In fp32, as the reference's scores: SDPA's bf16 CPU kernel rounds P and dS to bf16 (3x
+        # the reference's dK error); the output and gradients are rounded once, to q's dtype.
+        with reference._autocast_off("cpu"):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal,
+                                                  scale=scale).to(q.dtype)
     return AttentionFunction.apply(_lastdim_contig(q), _lastdim_contig(k), _lastdim_contig(v), bool(causal), scale)
 
 
