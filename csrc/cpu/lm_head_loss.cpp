@@ -20,6 +20,7 @@
 // (over vocabulary blocks: one rounding of each block's partial) summed in fp32.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -40,29 +41,78 @@ namespace {
 constexpr int64_t kRowChunk = 1024;
 constexpr int64_t kTileBytes = 1 << 20;
 
-// The row loops below are the op's only non-GEMM work: AVX-512 clones as well (16-wide exp).
+// Element access for the tile loops: fp32, or bf16 as raw bits (a shift to load; round to nearest
+// even to store; no NaN can reach it), inlined into the cloned loops so that they vectorize.
+GPT2F_INLINE float ld(const float* p, int64_t i) { return p[i]; }
+GPT2F_INLINE float ld(const uint16_t* p, int64_t i) {
+  const uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+GPT2F_INLINE void st(float* p, int64_t i, float v) { p[i] = v; }
+GPT2F_INLINE void st(uint16_t* p, int64_t i, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  p[i] = static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Fold the logits tile z (R, n) into the running per-row (max m, sum s of exp(z - m)).
+template <typename S>
+GPT2F_INLINE void fold_tile(const S* __restrict z, int64_t R, int64_t n, float* m, float* s) {
+  for (int64_t r = 0; r < R; ++r, z += n) {
+    float mx = m[r];
+#pragma omp simd reduction(max : mx)
+    for (int64_t i = 0; i < n; ++i) mx = std::max(mx, ld(z, i));
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += exp_f32(ld(z, i) - mx);
+    s[r] = (m[r] == -std::numeric_limits<float>::infinity() ? 0.f : s[r] * exp_f32(m[r] - mx)) + sum;
+    m[r] = mx;
+  }
+}
+
+// z (R, n) <- exp(z - lse_r) * scale_r in place: the softmax part of g (the target's -scale_r is
+// applied by the caller).
+template <typename S>
+GPT2F_INLINE void softmax_tile(S* __restrict z, int64_t R, int64_t n, const float* lse, const float* scale) {
+  for (int64_t r = 0; r < R; ++r, z += n) {
+    const float l = lse[r], c = scale[r];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) st(z, i, exp_f32(ld(z, i) - l) * c);
+  }
+}
+
+// The row loops are the op's only non-GEMM work: AVX-512 clones as well (16-wide exp).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define GPT2F_CLONES_512 __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define GPT2F_CLONES_512
 #endif
-
-// Fold one row of logits z[0, n) into the running (max m, sum s of exp(z - m)).
-GPT2F_CLONES_512 void fold_row(const float* __restrict z, int64_t n, float* m, float* s) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) mx = z[i] > mx ? z[i] : mx;
-  const float m_new = std::max(*m, mx);
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += exp_f32(z[i] - m_new);
-  *s = (*m == -std::numeric_limits<float>::infinity() ? 0.f : *s * exp_f32(*m - m_new)) + sum;
-  *m = m_new;
+GPT2F_CLONES_512 void fold_tile_f32(const float* z, int64_t R, int64_t n, float* m, float* s) { fold_tile(z, R, n, m, s); }
+GPT2F_CLONES_512 void fold_tile_bf16(const uint16_t* z, int64_t R, int64_t n, float* m, float* s) { fold_tile(z, R, n, m, s); }
+GPT2F_CLONES_512 void softmax_tile_f32(float* z, int64_t R, int64_t n, const float* lse, const float* c) {
+  softmax_tile(z, R, n, lse, c);
+}
+GPT2F_CLONES_512 void softmax_tile_bf16(uint16_t* z, int64_t R, int64_t n, const float* lse, const float* c) {
+  softmax_tile(z, R, n, lse, c);
 }
 
-// z[0, n) <- exp(z - lse) * scale  (the softmax part of g)
-GPT2F_CLONES_512 void softmax_row(float* __restrict z, int64_t n, float lse, float scale) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) z[i] = exp_f32(z[i] - lse) * scale;
+// The tile loops on an at::Tensor tile (R, n) of the compute dtype (fp16: through an fp32 copy).
+void fold(const at::Tensor& z, float* m, float* s) {
+  const int64_t R = z.size(0), n = z.size(1);
+  if (z.scalar_type() == at::kFloat) return fold_tile_f32(z.data_ptr<float>(), R, n, m, s);
+  if (z.scalar_type() == at::kBFloat16) return fold_tile_bf16(reinterpret_cast<const uint16_t*>(z.data_ptr()), R, n, m, s);
+  const at::Tensor f = z.to(at::kFloat);
+  fold_tile_f32(f.data_ptr<float>(), R, n, m, s);
+}
+void softmax(at::Tensor& z, const float* lse, const float* c) {
+  const int64_t R = z.size(0), n = z.size(1);
+  if (z.scalar_type() == at::kFloat) return softmax_tile_f32(z.data_ptr<float>(), R, n, lse, c);
+  if (z.scalar_type() == at::kBFloat16) return softmax_tile_bf16(reinterpret_cast<uint16_t*>(z.data_ptr()), R, n, lse, c);
+  at::Tensor f = z.to(at::kFloat);
+  softmax_tile_f32(f.data_ptr<float>(), R, n, lse, c);
+  z.copy_(f);
 }
 
 struct Problem {
@@ -110,17 +160,14 @@ void row_stats(const Problem& p, int64_t r0, int64_t R, float* lse, float* zt) {
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // scratch only: no autograd here
-    std::vector<float> row(p.vb);
     Scratch sc(p, R);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * p.vb, n = std::min(p.vb, p.V - v0);
       const at::Tensor z = sc.logits(hc, weight_block(p, v0, n, sc.wblk));  // (R, n), contiguous
+      fold(z, &m[tid * R], &s[tid * R]);
       const T* zp = z.data_ptr<T>();
-      for (int64_t r = 0; r < R; ++r) {
-        load_f32(zp + r * n, row.data(), n);
-        fold_row(row.data(), n, &m[tid * R + r], &s[tid * R + r]);
-        if (tgt[r] >= v0 && tgt[r] < v0 + n) zt[r] = row[tgt[r] - v0];
-      }
+      for (int64_t r = 0; r < R; ++r)
+        if (tgt[r] >= v0 && tgt[r] < v0 + n) zt[r] = static_cast<float>(zp[r * n + tgt[r] - v0]);
     }
   });
   for (int64_t r = 0; r < R; ++r) {
@@ -135,31 +182,29 @@ void row_stats(const Problem& p, int64_t r0, int64_t R, float* lse, float* zt) {
 
 // Pass 2 over rows [r0, r0 + R): dW[:V] (+)= g^T h (first chunk writes), dh[r0:r0+R] = g W.
 template <typename T>
-void row_grads(const Problem& p, int64_t r0, int64_t R, const float* lse, at::Tensor& dh, at::Tensor& dw,
-               bool first_chunk) {
+void row_grads(const Problem& p, int64_t r0, int64_t R, const float* lse, const float* zt, at::Tensor& dh,
+               at::Tensor& dw, bool first_chunk) {
   const int nt = at::get_num_threads();
   const int64_t nb = CEIL_DIV(p.V, p.vb), C = p.h.size(1);
   const at::Tensor hc = p.h.narrow(0, r0, R);
   const int64_t* tgt = p.tgt.data_ptr<int64_t>() + r0;
+  std::vector<float> scale(R);  // 1 / n_valid, 0 on ignored rows
+  for (int64_t r = 0; r < R; ++r) scale[r] = tgt[r] != p.ignore ? p.scale : 0.f;
   at::Tensor dh_t = at::zeros({nt, R, C}, p.h.options().dtype(at::kFloat));
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // scratch only: no autograd here
-    std::vector<float> row(p.vb);
     Scratch sc(p, R);
     at::Tensor acc = dh_t.select(0, tid);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * p.vb, n = std::min(p.vb, p.V - v0);
       const at::Tensor wb = weight_block(p, v0, n, sc.wblk);
       at::Tensor g = sc.logits(hc, wb);  // (R, n) logits, becoming g in place
+      softmax(g, lse, scale.data());
       T* gp = g.data_ptr<T>();
-      for (int64_t r = 0; r < R; ++r) {
-        const bool valid = tgt[r] != p.ignore;
-        load_f32(gp + r * n, row.data(), n);
-        softmax_row(row.data(), n, lse[r], valid ? p.scale : 0.f);
-        if (valid && tgt[r] >= v0 && tgt[r] < v0 + n) row[tgt[r] - v0] -= p.scale;
-        store_f32(row.data(), gp + r * n, n);
-      }
+      for (int64_t r = 0; r < R; ++r)  // g[r, t_r] = (softmax - 1) * scale_r, from the pass-1 logit
+        if (tgt[r] >= v0 && tgt[r] < v0 + n)
+          gp[r * n + tgt[r] - v0] = static_cast<T>((std::exp(zt[r] - lse[r]) - 1.f) * scale[r]);
       at::Tensor dwb = dw.narrow(0, v0, n);
       at::Tensor part = sc.dwb.narrow(0, 0, n);
       at::mm_out(part, g.t(), hc);
@@ -210,7 +255,7 @@ std::tuple<Tensor, Tensor, Tensor> lm_head_ce_fwd_cpu(const Tensor& h, const Ten
     const int64_t R = std::min(cpu::kRowChunk, N - r0);
     GPT2F_DISPATCH_FLOAT(p.h.scalar_type(), "lm_head_ce_fwd_cpu", [&] {
       cpu::row_stats<scalar_t>(p, r0, R, lse.data(), zt.data());
-      if (need_grad) cpu::row_grads<scalar_t>(p, r0, R, lse.data(), dh, dw, r0 == 0);
+      if (need_grad) cpu::row_grads<scalar_t>(p, r0, R, lse.data(), zt.data(), dh, dw, r0 == 0);
     });
     for (int64_t r = 0; r < R; ++r)
       if (tp[r0 + r] != ignore_index) total += static_cast<double>(lse[r]) - zt[r];
