@@ -49,7 +49,7 @@ def test_demo_reruns_replace_only_the_demos_own_files(small_corpus, tmp_path, ca
 def test_demo_schedule_follows_the_clock():
     cfg = train_config("d", "r", torch.device("cpu"), 300.0, None, None, None)
     assert cfg.time_schedule and cfg.max_seconds == 300.0 and cfg.eval_iters == 0 and cfg.overwrite
-    assert (cfg.n_layer, cfg.n_embd, cfg.batch_size, cfg.lr) == (4, 256, 4, 2e-3)
+    assert (cfg.n_layer, cfg.n_embd, cfg.batch_size, cfg.lr) == (4, 256, 4, 1.5e-3)
     fixed = train_config("d", "r", torch.device("cpu"), 300.0, 50, 2, 1e-3)
     assert not fixed.time_schedule and fixed.max_steps == 50 and fixed.batch_size == 2 and fixed.lr == 1e-3
 
