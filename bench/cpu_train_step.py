@@ -1,9 +1,10 @@
 """CPU training step of GPT-2 124M at B=4, T=256 (fp32): gpt2_fast beside HF transformers'
 GPT2LMHeadModel with the same weights, in the same run.
 
-    .venv/bin/python bench/cpu_train_step.py [--reps 3] [--batch 4] [--seq 256] [--out FILE]
+    .venv/bin/python bench/cpu_train_step.py [--reps 3] [--batch 4] [--seq 256] [--bf16] [--out FILE]
 
-One step = forward with the loss, backward, AdamW step, zero_grad. gpt2_fast runs its training
+One step = forward with the loss, backward, AdamW step, zero_grad; --bf16 runs both under bf16
+autocast (what `make demo` trains in on CPUs with AVX512-BF16 / AMX). gpt2_fast runs its training
 path (`model(x, y, return_logits=False)`: fused LM head + cross-entropy, backend "auto"); HF runs
 `model(input_ids=x, labels=x)` (its own shift, attn_implementation "sdpa"). The runs are
 interleaved (ours, HF, ours, HF ...) so background load hits both alike; the median is reported.
@@ -44,6 +45,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--backend", default="auto", help="gpt2_fast backend (auto, torch, cpp, triton)")
+    p.add_argument("--bf16", action="store_true", help="both models under torch.autocast(bf16)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                  "cpu-train-step.json"))
     args = p.parse_args()
@@ -58,15 +60,20 @@ def main() -> int:
     opts = {"gpt2_fast": torch.optim.AdamW(ours.parameters(), lr=1e-4),
             "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4)}
 
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16)
+
     def step_ours():
-        _, loss = ours(x[:, :-1], x[:, 1:], return_logits=False)       # T inputs, T predictions
+        with autocast():
+            _, loss = ours(x[:, :-1], x[:, 1:], return_logits=False)   # T inputs, T predictions
         loss.backward()
         opts["gpt2_fast"].step()
         opts["gpt2_fast"].zero_grad(set_to_none=True)
         return float(loss.detach())
 
     def step_hf():
-        loss = hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # T inputs; HF shifts inside (T-1 predictions)
+        with autocast():
+            loss = hf(input_ids=x[:, :-1], labels=x[:, :-1]).loss  # T inputs; HF shifts inside (T-1 predictions)
         loss.backward()
         opts["hf"].step()
         opts["hf"].zero_grad(set_to_none=True)
@@ -82,7 +89,7 @@ def main() -> int:
             times[k].append(time.perf_counter() - t)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     tokens = args.batch * args.seq
-    print(f"CPU FIGURES: GPT-2 124M train step, B={args.batch}, T={args.seq}, fp32, "
+    print(f"CPU FIGURES: GPT-2 124M train step, B={args.batch}, T={args.seq}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"{torch.get_num_threads()} threads, {args.reps} reps (median)")
     print(f"{'model':12s} {'step s':>8s} {'tok/s':>8s} {'first loss':>11s}")
     for k in steps:
@@ -95,6 +102,7 @@ def main() -> int:
         "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "python": platform.python_version(),
         "batch": args.batch, "seq": args.seq, "reps": args.reps, "backend": args.backend,
+        "precision": "bf16 autocast" if args.bf16 else "fp32",
         "backends_used": backends, "median_step_s": med, "all_step_s": times, "first_loss": first,
         "load_average": os.getloadavg(),
     }
