@@ -69,7 +69,21 @@ def _ext_modules():
     if not exts:
         return _skip("the C++ sources (csrc/) were not found")
     from torch.utils.cpp_extension import BuildExtension
-    return exts, {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+    class AtomicBuildExtension(BuildExtension.with_options(use_ninja=True)):
+        """`build_ext --inplace` writes gpt2_fast/_C*.so to a temporary file and renames it over the
+        old one: copying into the old file in place rewrote a library that running processes
+        had mapped, and they crashed (SIGBUS / SIGSEGV)."""
+
+        def copy_file(self, infile, outfile, *args, **kwargs):
+            if os.path.isdir(outfile) or not outfile.endswith((".so", ".pyd", ".dylib")):
+                return super().copy_file(infile, outfile, *args, **kwargs)
+            tmp = f"{outfile}.tmp-{os.getpid()}"
+            _, copied = super().copy_file(infile, tmp, *args, **kwargs)
+            os.replace(tmp, outfile)
+            return outfile, copied
+
+    return exts, {"build_ext": AtomicBuildExtension}
 
 
 ext_modules, cmdclass = _ext_modules()
