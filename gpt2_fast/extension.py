@@ -48,9 +48,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # attention with gradients runs the reference itself: ~1x). The machine is shared and noisy;
 # torch's own fused F.layer_norm is still faster than our LayerNorm forward.
 # lm_head_cross_entropy (csrc/cpu/lm_head_loss.cpp), 2026-11-30, this machine's AMX Xeon, 1024 rows x
-# 50257: forward only 64 vs 243-262 ms (bf16, C 256 / 768), 105 vs 252 and 275 vs 434 ms (fp32);
-# forward + backward 343 vs 653 ms (bf16, C 768); the demo's whole step 299 vs 775 ms (same-process
-# A/B). Its rows in bench/results/cpu-cpp-vs-torch.json (bench/cpu_cpp_ops.py).
+# 50257 x 768 (bench/results/cpu-cpp-vs-torch.json): forward 64 vs 227 ms (bf16), 274 vs 411 (fp32);
+# forward + backward 305 vs 572 ms (bf16), 1144 vs 1175 (fp32); the demo's whole bf16 step (C 256)
+# 299 vs 775 ms (same-process A/B).
 CPU_AUTO_OPS: tuple[str, ...] = ("layer_norm", "add_layer_norm", "bias_gelu", "attention", "decode_attention",
                                  "lm_head_cross_entropy")
 
@@ -397,9 +397,9 @@ class LMHeadCrossEntropyFunction(torch.autograd.Function):
     only scales them by the incoming gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, vocab_size):
-        need = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        loss, dh, dw = torch.ops.gpt2_fast.lm_head_ce_fwd(hidden, weight, targets, ignore_index, vocab_size, need)
+    def forward(ctx, hidden, weight, targets, ignore_index, vocab_size, need_grad):
+        loss, dh, dw = torch.ops.gpt2_fast.lm_head_ce_fwd(hidden, weight, targets, ignore_index, vocab_size,
+                                                          need_grad)
         ctx.save_for_backward(dh, dw)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss
@@ -412,7 +412,7 @@ class LMHeadCrossEntropyFunction(torch.autograd.Function):
         if torch.compiler.is_compiling() or g.item() != 1.0:
             dh, dw = dh * g, dw * g
         return (dh.to(h_dtype) if ctx.needs_input_grad[0] else None,
-                dw.to(w_dtype) if ctx.needs_input_grad[1] else None, None, None, None)
+                dw.to(w_dtype) if ctx.needs_input_grad[1] else None, None, None, None, None)
 
 
 def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100,
@@ -429,7 +429,9 @@ def lm_head_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, ignor
         raise ValueError(f"lm_head_cross_entropy: expected hidden (N, C), weight (>= vocab_size, C), targets "
                          f"(N,) with vocab_size >= 1; got {tuple(hidden.shape)}, {tuple(weight.shape)}, "
                          f"{tuple(targets.shape)}, vocab_size {vocab_size}")
-    return LMHeadCrossEntropyFunction.apply(hidden.to(dtype), weight, targets.long(), int(ignore_index), V)
+    # the gradient pass only where autograd will ask for it (ctx.needs_input_grad ignores no_grad)
+    need = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return LMHeadCrossEntropyFunction.apply(hidden.to(dtype), weight, targets.long(), int(ignore_index), V, need)
 
 
 _load()

@@ -85,10 +85,20 @@ def test_thread_count_does_not_change_the_loss():
     torch.testing.assert_close(one, many, rtol=1e-6, atol=1e-6)
 
 
-def test_no_gradient_work_without_grad():
+def test_no_gradient_work_without_grad(monkeypatch):
+    """Leaves that require grad, under torch.no_grad() (evaluation): the op skips its gradient pass."""
     h, w, t = torch.randn(6, 16, requires_grad=True), torch.randn(20, 16, requires_grad=True), torch.randint(0, 20, (6,))
+    seen, real = [], torch.ops.gpt2_fast.lm_head_ce_fwd
+
+    def spy(*a):
+        seen.append(a[5])
+        return real(*a)
+    monkeypatch.setattr(torch.ops.gpt2_fast, "lm_head_ce_fwd", spy, raising=False)
     with torch.no_grad():
         torch.testing.assert_close(ce(h, w, t), lm_head_cross_entropy_ref(h, w, t))
+    ce(h, w, t).backward()
+    assert seen == [False, True]
+    monkeypatch.undo()
     _, dh, dw = torch.ops.gpt2_fast.lm_head_ce_fwd(h.detach(), w.detach(), t, -100, 20, False)
     assert dh.numel() == 0 and dw.numel() == 0
 
