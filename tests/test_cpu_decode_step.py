@@ -141,3 +141,27 @@ def test_pack_for_cpu_inference_keeps_values_ties_and_tokens(model):
     assert m.lm_head.weight is m.transformer.wte.weight
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
     assert tokens(Engine(m), PROMPTS, 6) == before
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int8_w8a8"])
+def test_decode_step_is_bitwise_independent_of_threads(model, kind):
+    """The one-region decode step gives every output column to one thread with fixed arithmetic:
+    the logits of 1, 2 and 3 threads (more than this box's cores: the barrier's sleep path) and
+    of more threads than heads (the pairs split) are the same bits."""
+    m = copy.deepcopy(model)
+    if kind.startswith("int8"):
+        quantize_int8(m)
+    idx = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(4))
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3, 5):   # the model has 4 heads: 5 threads split (row, head) pairs instead
+            torch.set_num_threads(n)
+            m.setup_cache(2, 12, dtype=torch.float32)
+            dec = CpuDecoder(m, lowp_act=kind == "int8_w8a8")
+            steps = [dec.forward(idx[:, :4], 0)] + [dec.forward(idx[:, t:t + 1], t) for t in range(4, 12)]
+            outs.append(torch.stack(steps))
+    finally:
+        torch.set_num_threads(old)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])

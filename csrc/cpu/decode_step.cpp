@@ -15,6 +15,18 @@
 // and kLayerTensors per layer (order below); an empty tensor stands for "none" (no bias, no
 // scale). Design choice: one op for the whole model rather than one per layer, because per-token
 // dispatch overhead, not arithmetic, is what separates a Python step from the bandwidth floor.
+//
+// Threads. Up to kGemvMaxRows rows (decode, short prompts) the whole forward is ONE OpenMP parallel
+// region: each thread takes a fixed share of every GEMV's output columns (split_cols) and the
+// phases that need a whole vector are separated by a SpinBarrier (spin_barrier.h: bounded spin,
+// then sleep), 4 per layer: [LN1 (every thread its own copy), QKV of this thread's heads, their
+// cache write and attention] | [attn proj + residual] | [LN2, fc + GELU] | [mlp proj + residual],
+// then LN_f and the LM head's columns. A token thus costs one fork/join and 4 L + 1 barriers instead
+// of ~61 fork/joins (one per parallel op), and every output is computed by one thread with the same
+// arithmetic, so the logits do not depend on the thread count. Longer prefills run op by op with
+// ATen's GEMM (at::parallel_for inside).
+#include <omp.h>
+
 #include <cmath>
 #include <vector>
 
@@ -24,6 +36,7 @@
 #include "../ops.h"
 #include "cpu_math.h"
 #include "gemv.h"
+#include "spin_barrier.h"
 
 namespace gpt2_fast {
 namespace cpu {
@@ -90,6 +103,18 @@ struct Shape {
   std::vector<int64_t> ks;  // kv_start per row
 };
 
+struct Linear {             // one projection: the view the GEMV reads + the tensor (GEMM path)
+  Tensor weight;
+  WeightView w;
+  const float* bias = nullptr;
+};
+
+struct LayerPlan {
+  const float *l1w, *l1b, *l2w, *l2b;
+  Linear qkv, ao, fc, mp;
+  float *kc, *vc;
+};
+
 static const float* opt_f32(const Tensor& t, int64_t n, const char* what) {
   if (t.numel() == 0) return nullptr;
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what,
@@ -112,64 +137,167 @@ static void embed_rows(const Tensor& wte, const int64_t* ids, const float* wpe, 
     }
 }
 
-// write k, v of every row into the caches, then attend (rows in parallel over (b, head, t))
-static void attention(const float* qkv, float* out, float* kc, float* vc, const Shape& s) {
-  const int64_t C = s.C, D = s.D, H = s.H, T = s.T;
-  for (int64_t b = 0; b < s.B; ++b)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t h = 0; h < H; ++h) {
-        const float* row = qkv + (b * T + t) * 3 * C;
-        const int64_t off = ((b * H + h) * s.S + s.start + t) * D;
-        std::memcpy(kc + off, row + C + h * D, sizeof(float) * D);
-        std::memcpy(vc + off, row + 2 * C + h * D, sizeof(float) * D);
-      }
+// row b, head h: write k, v of its T new positions into the caches, then attend each of them over
+// the live slots [kv_start[b], slot] (causal). p: scratch of S floats.
+static void attend_pair(const float* qkv, float* out, float* kc, float* vc, const Shape& s, int64_t b, int64_t h,
+                        float* p) {
+  const int64_t C = s.C, D = s.D, T = s.T;
+  float* K = kc + (b * s.H + h) * s.S * D;
+  float* V = vc + (b * s.H + h) * s.S * D;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = qkv + (b * T + t) * 3 * C;
+    std::memcpy(K + (s.start + t) * D, row + C + h * D, sizeof(float) * D);
+    std::memcpy(V + (s.start + t) * D, row + 2 * C + h * D, sizeof(float) * D);
+  }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, s.B * H * T, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(s.start + T);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
-      const float* q = qkv + (b * T + t) * 3 * C + h * D;
-      const float* K = kc + (b * H + h) * s.S * D;
-      const float* V = vc + (b * H + h) * s.S * D;
-      const int64_t j0 = std::min(s.ks[b], s.start + t), j1 = s.start + t + 1;  // live slots
-      float mx = -INFINITY;
-      for (int64_t j = j0; j < j1; ++j) {
-        p[j] = dot64(q, K + j * D, D) * scale;
-        mx = std::max(mx, p[j]);
-      }
-      float sum = 0.f;
-      exp_shift(p.data() + j0, j1 - j0, mx, &sum);
-      float* o = out + (b * T + t) * C + h * D;
-      std::memset(o, 0, sizeof(float) * D);
-      const float inv = 1.f / sum;
-      for (int64_t j = j0; j < j1; ++j) axpy(p[j] * inv, V + j * D, o, D);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* q = qkv + (b * T + t) * 3 * C + h * D;
+    const int64_t j0 = std::min(s.ks[b], s.start + t), j1 = s.start + t + 1;  // live slots
+    float mx = -INFINITY;
+    for (int64_t j = j0; j < j1; ++j) {
+      p[j] = dot64(q, K + j * D, D) * scale;
+      mx = std::max(mx, p[j]);
     }
-  });
+    float sum = 0.f;
+    exp_shift(p + j0, j1 - j0, mx, &sum);
+    float* o = out + (b * T + t) * C + h * D;
+    std::memset(o, 0, sizeof(float) * D);
+    const float inv = 1.f / sum;
+    for (int64_t j = j0; j < j1; ++j) axpy(p[j] * inv, V + j * D, o, D);
+  }
 }
 
-// y (+)= x W^T * s + b for the `w` / `s` / `b` slots of one layer
-static void layer_linear(const float* x, int64_t M, int64_t K, at::TensorList L, int w, int s, int b, float* y,
-                         bool accumulate, Isa isa, bool lowp) {
-  const Tensor& weight = L[w];
-  const WeightView v = weight_view(weight, opt(L[s]));
-  TORCH_CHECK(v.K == K, "layer weight must have ", K, " input features, got ", v.K);
-  linear(x, M, K, weight, v, opt_f32(L[b], v.N, "bias"), y, v.N, accumulate, isa, lowp);
+static Linear make_linear(at::TensorList L, int w, int sc, int b, int64_t N, int64_t K, const char* what) {
+  Linear l{L[w], weight_view(L[w], opt(L[sc])), nullptr};
+  TORCH_CHECK(l.w.N == N && l.w.K == K, what, " weight must be (", N, ", ", K, "), got (", l.w.N, ", ", l.w.K, ")");
+  l.bias = opt_f32(L[b], N, what);
+  return l;
 }
 
-static void run_layer(at::TensorList L, float* x, float* h, std::vector<float>& qkv, std::vector<float>& att,
-                      std::vector<float>& f, float* kc, float* vc, const Shape& s, float eps, Isa isa, bool lowp) {
-  const int64_t M = s.B * s.T, C = s.C;
-  const float *l1w = opt_f32(L[LN1_W], C, "ln_1.weight"), *l1b = opt_f32(L[LN1_B], C, "ln_1.bias");
-  const float *l2w = opt_f32(L[LN2_W], C, "ln_2.weight"), *l2b = opt_f32(L[LN2_B], C, "ln_2.bias");
-  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, l1w, l1b, h + m * C, C, eps);
-  layer_linear(h, M, C, L, QKV_W, QKV_S, QKV_B, qkv.data(), false, isa, lowp);
-  attention(qkv.data(), att.data(), kc, vc, s);
-  layer_linear(att.data(), M, C, L, AO_W, AO_S, AO_B, x, true, isa, lowp);
-  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, l2w, l2b, h + m * C, C, eps);
-  layer_linear(h, M, C, L, FC_W, FC_S, FC_B, f.data(), false, isa, lowp);
+static LayerPlan make_plan(at::TensorList L, const Tensor& kc, const Tensor& vc, int64_t C) {
+  LayerPlan P;
+  P.l1w = opt_f32(L[LN1_W], C, "ln_1.weight");
+  P.l1b = opt_f32(L[LN1_B], C, "ln_1.bias");
+  P.l2w = opt_f32(L[LN2_W], C, "ln_2.weight");
+  P.l2b = opt_f32(L[LN2_B], C, "ln_2.bias");
+  P.qkv = make_linear(L, QKV_W, QKV_S, QKV_B, 3 * C, C, "c_attn");
+  P.ao = make_linear(L, AO_W, AO_S, AO_B, C, C, "attn.c_proj");
   const int64_t F = L[FC_W].size(0);
-  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) { gelu_inplace(f.data() + b * F, (e - b) * F); });
-  layer_linear(f.data(), M, F, L, MP_W, MP_S, MP_B, x, true, isa, lowp);
+  P.fc = make_linear(L, FC_W, FC_S, FC_B, F, C, "c_fc");
+  P.mp = make_linear(L, MP_W, MP_S, MP_B, C, F, "mlp.c_proj");
+  P.kc = kc.data_ptr<float>();
+  P.vc = vc.data_ptr<float>();
+  return P;
+}
+
+// ---- more than kGemvMaxRows rows (prefill): op by op, ATen GEMM, parallel inside each op ----
+
+static void lin(const Linear& l, const float* x, int64_t M, float* y, bool accumulate, Isa isa, bool lowp) {
+  linear(x, M, l.w.K, l.weight, l.w, l.bias, y, l.w.N, accumulate, isa, lowp);
+}
+
+static void run_layer_gemm(const LayerPlan& P, float* x, float* h, float* qkv, float* att, float* f, const Shape& s,
+                           float eps, Isa isa, bool lowp) {
+  const int64_t M = s.B * s.T, C = s.C, F = P.fc.w.N;
+  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l1w, P.l1b, h + m * C, C, eps);
+  lin(P.qkv, h, M, qkv, false, isa, lowp);
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(s.S);
+    for (int64_t i = i0; i < i1; ++i) attend_pair(qkv, att, P.kc, P.vc, s, i / s.H, i % s.H, p.data());
+  });
+  lin(P.ao, att, M, x, true, isa, lowp);
+  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l2w, P.l2b, h + m * C, C, eps);
+  lin(P.fc, h, M, f, false, isa, lowp);
+  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) { gelu_inplace(f + b * F, (e - b) * F); });
+  lin(P.mp, f, M, x, true, isa, lowp);
+}
+
+// ---- up to kGemvMaxRows rows (decode): the whole forward in one parallel region ----
+
+struct ThreadCtx {  // one thread's share of the region and its private scratch
+  int t, n;
+  Isa isa;
+  bool lowp;
+  std::vector<float> h, xs, p;
+  std::vector<uint8_t> q8;
+  std::vector<uint16_t> q16;
+  LowpRows rows;
+
+  // the GEMV y (+)= in W^T + b of projection l, with `in` rounded into this thread's scratch when
+  // the lowp path applies (every thread rounds the whole input: no barrier, same values)
+  Gemv gemv(const Linear& l, const float* in, int64_t M, float* y, bool accumulate) {
+    Gemv g{in, M, l.w.K, l.w, l.bias, y, l.w.N, accumulate, isa, nullptr};
+    if (lowp_applies(l.w, isa, lowp)) {
+      round_rows(in, M, l.w.K, l.w.K, l.w.dtype == at::kChar, q8.data(), xs.data(), q16.data());
+      rows = LowpRows{q8.data(), xs.data(), q16.data()};
+      g.lowp = &rows;
+    }
+    return g;
+  }
+  void my_cols(const Gemv& g, int64_t& n0, int64_t& n1) const { split_cols(g.w, t, n, n0, n1); }
+  void run_mine(const Gemv& g) const {
+    int64_t n0, n1;
+    my_cols(g, n0, n1);
+    gemv_cols(g, n0, n1);
+  }
+};
+
+static void layer_small(const LayerPlan& P, float* x, float* qkv, float* att, float* f, const Shape& s, float eps,
+                        ThreadCtx& c, SpinBarrier& bar) {
+  const int64_t M = s.B * s.T, C = s.C, H = s.H, D = s.D, F = P.fc.w.N;
+  float* h = c.h.data();
+  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l1w, P.l1b, h + m * C, C, eps);
+  const Gemv g = c.gemv(P.qkv, h, M, qkv, false);
+  if (c.n <= H && D % gemv_unit(P.qkv.w) == 0) {  // this thread's heads: q, k, v columns, then attention
+    const int64_t h0 = H * c.t / c.n, h1 = H * (c.t + 1) / c.n;
+    for (int64_t sec = 0; sec < 3; ++sec) gemv_cols(g, sec * C + h0 * D, sec * C + h1 * D);
+    for (int64_t b = 0; b < s.B; ++b)
+      for (int64_t hh = h0; hh < h1; ++hh) attend_pair(qkv, att, P.kc, P.vc, s, b, hh, c.p.data());
+  } else {  // more threads than heads: QKV columns, a barrier, then (row, head) pairs
+    c.run_mine(g);
+    bar.wait();
+    const int64_t BH = s.B * H;
+    for (int64_t i = BH * c.t / c.n; i < BH * (c.t + 1) / c.n; ++i)
+      attend_pair(qkv, att, P.kc, P.vc, s, i / H, i % H, c.p.data());
+  }
+  bar.wait();
+  c.run_mine(c.gemv(P.ao, att, M, x, true));
+  bar.wait();
+  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l2w, P.l2b, h + m * C, C, eps);
+  const Gemv gf = c.gemv(P.fc, h, M, f, false);
+  int64_t n0, n1;
+  c.my_cols(gf, n0, n1);
+  gemv_cols(gf, n0, n1);
+  for (int64_t m = 0; m < M; ++m) gelu_inplace(f + m * F + n0, n1 - n0);
+  bar.wait();
+  c.run_mine(c.gemv(P.mp, f, M, x, true));
+  bar.wait();
+}
+
+static void forward_small(const std::vector<LayerPlan>& plans, const Linear& lm, const float* lnf_w,
+                          const float* lnf_b, float* x, const Shape& s, float eps, Isa isa, bool lowp, float* logits,
+                          bool all_logits) {
+  const int64_t M = s.B * s.T, C = s.C, R = all_logits ? M : s.B;
+  int64_t F = 0;
+  for (const LayerPlan& P : plans) F = std::max(F, P.fc.w.N);
+  const int64_t K = std::max(C, F);
+  std::vector<float> qkv(M * 3 * C), att(M * C), f(M * F);
+  const int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  SpinBarrier bar;
+#pragma omp parallel num_threads(nt)
+  {
+#pragma omp single
+    bar.reset(omp_get_num_threads());
+    ThreadCtx c{omp_get_thread_num(), omp_get_num_threads(), isa, lowp,
+                std::vector<float>(M * C), std::vector<float>(M, 1.f), std::vector<float>(s.S),
+                std::vector<uint8_t>(lowp ? M * K : 0), std::vector<uint16_t>(lowp ? M * K : 0), LowpRows{}};
+    for (const LayerPlan& P : plans) layer_small(P, x, qkv.data(), att.data(), f.data(), s, eps, c, bar);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
+      ln_row(x + m * C, lnf_w, lnf_b, c.h.data() + r * C, C, eps);
+    }
+    c.run_mine(c.gemv(lm, c.h.data(), R, logits, false));
+  }
 }
 
 static Shape check_shape(const Tensor& idx, int64_t start, const OptTensor& kv_start, const Tensor& wte,
@@ -218,35 +346,44 @@ Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_st
   Shape s = check_shape(idx, start, kv_start, wte, k_caches, n_head);
   const Isa is = resolve_isa(isa);
   const int64_t M = s.B * s.T, C = s.C;
+  const float e = static_cast<float>(eps);
   const float* wpe = opt_f32(globals[1], globals[1].numel(), "wpe");
   TORCH_CHECK(wpe && globals[1].numel() >= (start + s.T) * C, "wpe is too short for the positions");
-  std::vector<float> x(M * C), h(M * C), qkv(M * 3 * C), att(M * C), f(M * 4 * C);
-  if (wte.scalar_type() == at::kFloat) embed_rows<float>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
-  else embed_rows<c10::BFloat16>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
+  std::vector<LayerPlan> plans;
+  int64_t F = 0;
   for (int64_t l = 0; l < n_layer; ++l) {
     const Tensor &kc = k_caches[l], &vc = v_caches[l];
     for (const Tensor* c : {&kc, &vc})
       TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->sizes() == k_caches[0].sizes(),
                   "KV caches must be contiguous float32 tensors of one shape");
-    if (layers[l * kLayerTensors + FC_W].size(0) * M > static_cast<int64_t>(f.size())) f.resize(layers[l * kLayerTensors + FC_W].size(0) * M);
-    run_layer(layers.slice(l * kLayerTensors, kLayerTensors), x.data(), h.data(), qkv, att, f,
-              kc.data_ptr<float>(), vc.data_ptr<float>(), s, static_cast<float>(eps), is, lowp_act);
+    plans.push_back(make_plan(layers.slice(l * kLayerTensors, kLayerTensors), kc, vc, C));
+    F = std::max(F, plans.back().fc.w.N);
   }
-  // the final LayerNorm and the LM head on the last position of each row (or on every row)
   const float *lw = opt_f32(globals[2], C, "ln_f.weight"), *lb = opt_f32(globals[3], C, "ln_f.bias");
-  const int64_t R = all_logits ? M : s.B;
-  std::vector<float> last(R * C);
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
-    ln_row(x.data() + m * C, lw, lb, last.data() + r * C, C, static_cast<float>(eps));
-  }
   TORCH_CHECK(n_vocab > 0 && n_vocab <= globals[4].size(0), "n_vocab must be in [1, ", globals[4].size(0), "]");
-  const Tensor lm = globals[4].narrow(0, 0, n_vocab);
-  const OptTensor lm_s = globals[5].numel() ? OptTensor(globals[5].narrow(0, 0, n_vocab)) : std::nullopt;
-  const WeightView v = weight_view(lm, lm_s);
-  TORCH_CHECK(v.K == C, "lm_head must have ", C, " input features, got ", v.K);
+  Linear lm;
+  lm.weight = globals[4].narrow(0, 0, n_vocab);
+  lm.w = weight_view(lm.weight, globals[5].numel() ? OptTensor(globals[5].narrow(0, 0, n_vocab)) : std::nullopt);
+  TORCH_CHECK(lm.w.K == C, "lm_head must have ", C, " input features, got ", lm.w.K);
+  const int64_t R = all_logits ? M : s.B;
   Tensor logits = empty_out({R, n_vocab}, idx.options().dtype(at::kFloat));
-  linear(last.data(), R, C, lm, v, nullptr, logits.data_ptr<float>(), n_vocab, false, is, lowp_act);
+
+  std::vector<float> x(M * C);
+  if (wte.scalar_type() == at::kFloat) embed_rows<float>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
+  else embed_rows<c10::BFloat16>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
+  if (M <= kGemvMaxRows) {
+    forward_small(plans, lm, lw, lb, x.data(), s, e, is, lowp_act, logits.data_ptr<float>(), all_logits);
+  } else {
+    std::vector<float> h(M * C), qkv(M * 3 * C), att(M * C), f(M * F);
+    for (const LayerPlan& P : plans) run_layer_gemm(P, x.data(), h.data(), qkv.data(), att.data(), f.data(), s, e, is, lowp_act);
+    // the final LayerNorm and the LM head on the last position of each row (or on every row)
+    std::vector<float> last(R * C);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
+      ln_row(x.data() + m * C, lw, lb, last.data() + r * C, C, e);
+    }
+    lin(lm, last.data(), R, logits.data_ptr<float>(), false, is, lowp_act);
+  }
   return all_logits ? logits.view({s.B, s.T, n_vocab}) : logits;
 }
 

@@ -46,6 +46,39 @@ struct WeightView {
 void gemv(const float* x, int64_t M, int64_t ldx, const WeightView& w, const float* bias, float* y,
           int64_t ldy, bool accumulate, Isa isa, bool lowp_act = false);
 
+// ---- the serial core, for callers that split the output columns over their own threads ----
+// (the fused decode step: one parallel region per token, csrc/cpu/decode_step.cpp)
+
+struct LowpRows {             // x rounded by round_rows (see gemv.cpp's lowp namespace)
+  const uint8_t* q = nullptr;   // int8 mode: q + 128, (M, K)
+  const float* xs = nullptr;    // int8 mode: per-row scale
+  const uint16_t* b = nullptr;  // bf16 mode: bf16 bits, (M, K)
+};
+
+struct Gemv {                 // one y (+)= x W^T * s + b
+  const float* x = nullptr;
+  int64_t M = 0, ldx = 0;
+  WeightView w;
+  const float* bias = nullptr;
+  float* y = nullptr;
+  int64_t ldy = 0;
+  bool accumulate = false;
+  Isa isa = Isa::Portable;
+  const LowpRows* lowp = nullptr;  // non-null: the dot-product-instruction path (lowp_applies)
+};
+
+// Output columns come in units of gemv_unit(w) (4 rows of an (N, K) weight, 16 columns of a (K, N) one).
+int64_t gemv_unit(const WeightView& w);
+// [n0, n1): thread t's share (of n) of the N columns, cut at units, so that every output is
+// computed by one thread with the same arithmetic whatever n is.
+void split_cols(const WeightView& w, int t, int n, int64_t& n0, int64_t& n1);
+// whether gemv(..., lowp_act) would round x for this weight on this CPU
+bool lowp_applies(const WeightView& w, Isa isa, bool lowp_act);
+// x (M, K) rounded for the lowp path: int8 (q + 128 and per-row scale xs) or bf16 (b)
+void round_rows(const float* x, int64_t M, int64_t ldx, int64_t K, bool int8, uint8_t* q, float* xs, uint16_t* b);
+// outputs [n0, n1) of g on the calling thread (n0, n1 from split_cols, or 0 and N)
+void gemv_cols(const Gemv& g, int64_t n0, int64_t n1);
+
 constexpr int64_t kGemvMaxRows = 8;  // more rows of x (prefill) go to ATen's GEMM
 
 // The view of a (N, K) weight tensor stored (N, K) or (K, N) row-major; int8 needs scale (N,) fp32.
