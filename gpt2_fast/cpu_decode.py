@@ -140,17 +140,48 @@ def cpu_decoder_for(model, previous: Optional[CpuDecoder] = None) -> Optional[Cp
     return CpuDecoder(model)
 
 
-def pack_for_cpu_inference(model):
+def pack_for_cpu_inference(model, huge_pages: bool = True):
     """The packing step for an inference-only CPU model (call once after loading / quantizing):
-    every CPU parameter and buffer becomes its own contiguous copy, i.e. (out, in) rows for the
-    weights, the layout the GEMV kernels stream with prefetch (measured ~8% faster than the
-    engine's (in, out) cpu_layout for gpt2 fp32), and nothing still views the checkpoint's file
-    mapping, so the weights are resident once. Returns the model."""
+    every CPU parameter and buffer becomes a contiguous copy, i.e. (out, in) rows for the weights,
+    the layout the GEMV kernels stream with prefetch (measured ~8% faster than the engine's
+    (in, out) cpu_layout for gpt2 fp32), all in one anonymous memory arena, so nothing still views
+    the checkpoint's file mapping and the weights are resident once. huge_pages: the arena is
+    madvise(MADV_HUGEPAGE)d (Linux transparent huge pages in "madvise" mode): a decode step streams
+    every weight from memory, and 2 MiB pages spare the TLB misses of 4 KiB ones (int8 gpt2 step
+    ~12.5 vs ~14 ms, one thread, here). Tied tensors stay tied. Returns the model."""
     import itertools
+    import mmap
+    def key(t):  # tied tensors share one copy; a view of another shape gets its own
+        return t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())
+
+    tensors, seen = [], set()
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.device.type == "cpu" and t.numel() and key(t) not in seen:
+            seen.add(key(t))
+            tensors.append(t)
+    align = 4096
+    sizes = [-(-t.numel() * t.element_size() // align) * align for t in tensors]
+    total = sum(sizes)
+    if total == 0:
+        return model
+    arena = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            arena.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # no transparent huge pages here: 4 KiB pages, same values
+    buf = torch.frombuffer(arena, dtype=torch.uint8)  # keeps the mapping alive with the tensors
+    new_of, off = {}, 0
     with torch.no_grad():
+        for t, size in zip(tensors, sizes):
+            n = t.numel() * t.element_size()
+            dst = buf[off:off + n].view(t.dtype).view(t.shape)
+            dst.copy_(t.data)
+            new_of[key(t)] = dst
+            off += size
         for t in itertools.chain(model.parameters(), model.buffers()):
-            if t.device.type == "cpu":
-                t.data = t.data.clone() if t.is_contiguous() else t.data.contiguous()
+            if t.device.type == "cpu" and t.numel():
+                t.data = new_of[key(t)]
     _trim_heap()
     return model
 

@@ -309,12 +309,12 @@ void split_cols(const WeightView& w, int t, int n, int64_t& n0, int64_t& n1) {
 }
 
 static int64_t prefetch_distance(const WeightView& w) {
-  // GPT2_FAST_CPU_PREFETCH=0 turns the software prefetch off (an A/B switch for the benchmarks)
-  static const bool off = [] {
+  // GPT2_FAST_CPU_PREFETCH=<rows ahead> (0: off) for A/B runs of the benchmarks
+  static const int64_t rows = [] {
     const char* v = std::getenv("GPT2_FAST_CPU_PREFETCH");
-    return v && v[0] == '0';
+    return v && *v ? std::atoll(v) : int64_t{4};
   }();
-  return off || w.kn ? 0 : 4 * w.ld;
+  return w.kn ? 0 : rows * w.ld;
 }
 
 void gemv_cols(const Gemv& g, int64_t n0, int64_t n1) {
