@@ -145,9 +145,9 @@ def test_pack_for_cpu_inference_keeps_values_ties_and_tokens(model):
 
 @pytest.mark.parametrize("kind", ["fp32", "int8", "int8_w8a8"])
 def test_decode_step_is_bitwise_independent_of_threads(model, kind):
-    """The one-region decode step gives every output column to one thread with fixed arithmetic:
-    the logits of 1, 2 and 3 threads (more than this box's cores: the barrier's sleep path) and
-    of more threads than heads (the pairs split) are the same bits."""
+    """The one-region decode step computes every output column whole on one thread, in chunks whose
+    boundaries do not depend on the thread count: the logits of 1, 2, 3 and 5 threads (more than
+    this box's cores: the waits' sleep path) are the same bits."""
     m = copy.deepcopy(model)
     if kind.startswith("int8"):
         quantize_int8(m)
@@ -155,7 +155,7 @@ def test_decode_step_is_bitwise_independent_of_threads(model, kind):
     old = torch.get_num_threads()
     outs = []
     try:
-        for n in (1, 2, 3, 5):   # the model has 4 heads: 5 threads split (row, head) pairs instead
+        for n in (1, 2, 3, 5):
             torch.set_num_threads(n)
             m.setup_cache(2, 12, dtype=torch.float32)
             dec = CpuDecoder(m, lowp_act=kind == "int8_w8a8")

@@ -17,17 +17,18 @@
 // dispatch overhead, not arithmetic, is what separates a Python step from the bandwidth floor.
 //
 // Threads. Up to kGemvMaxRows rows (decode, short prompts) the whole forward is ONE OpenMP parallel
-// region: each thread takes a fixed share of every GEMV's output columns (split_cols) and the
-// phases that need a whole vector are separated by a SpinBarrier (spin_barrier.h: bounded spin,
-// then sleep), 4 per layer: [LN1 (every thread its own copy), QKV of this thread's heads, their
-// cache write and attention] | [attn proj + residual] | [LN2, fc + GELU] | [mlp proj + residual],
-// then LN_f and the LM head's columns. A token thus costs one fork/join and 4 L + 1 barriers instead
-// of ~61 fork/joins (one per parallel op), and every output is computed by one thread with the same
-// arithmetic, so the logits do not depend on the thread count. Longer prefills run op by op with
-// ATen's GEMM (at::parallel_for inside).
+// region: a sequence of phases (work_phase.h), 4 per layer: [LN1, then per head: its q, k, v
+// columns, cache write and attention] [attn proj + residual] [LN2, fc + GELU] [mlp proj +
+// residual], then [LN_f, LM head]. A phase's chunks (a head, or ~64 KiB of a weight's output
+// rows) go to whichever thread claims them; each thread does its own LayerNorm (and activation
+// rounding) of the phase's input, so only a finished phase is waited for. A token thus costs one
+// fork/join instead of ~61 (one per parallel op), a descheduled thread holds up no phase it has
+// not started, and the logits do not depend on the thread count. Longer prefills run op by op
+// with ATen's GEMM (at::parallel_for inside).
 #include <omp.h>
 
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -36,7 +37,7 @@
 #include "../ops.h"
 #include "cpu_math.h"
 #include "gemv.h"
-#include "spin_barrier.h"
+#include "work_phase.h"
 
 namespace gpt2_fast {
 namespace cpu {
@@ -214,8 +215,7 @@ static void run_layer_gemm(const LayerPlan& P, float* x, float* h, float* qkv, f
 
 // ---- up to kGemvMaxRows rows (decode): the whole forward in one parallel region ----
 
-struct ThreadCtx {  // one thread's share of the region and its private scratch
-  int t, n;
+struct ThreadCtx {  // one thread's private scratch in the region
   Isa isa;
   bool lowp;
   std::vector<float> h, xs, p;
@@ -224,7 +224,7 @@ struct ThreadCtx {  // one thread's share of the region and its private scratch
   LowpRows rows;
 
   // the GEMV y (+)= in W^T + b of projection l, with `in` rounded into this thread's scratch when
-  // the lowp path applies (every thread rounds the whole input: no barrier, same values)
+  // the lowp path applies (every thread rounds the whole input itself: same values, no wait)
   Gemv gemv(const Linear& l, const float* in, int64_t M, float* y, bool accumulate) {
     Gemv g{in, M, l.w.K, l.w, l.bias, y, l.w.N, accumulate, isa, nullptr};
     if (lowp_applies(l.w, isa, lowp)) {
@@ -234,44 +234,49 @@ struct ThreadCtx {  // one thread's share of the region and its private scratch
     }
     return g;
   }
-  void my_cols(const Gemv& g, int64_t& n0, int64_t& n1) const { split_cols(g.w, t, n, n0, n1); }
-  void run_mine(const Gemv& g) const {
-    int64_t n0, n1;
-    my_cols(g, n0, n1);
-    gemv_cols(g, n0, n1);
-  }
 };
 
+// g's columns as a phase of chunks; prep() (this thread's input) fills g before its first chunk,
+// then(n0, n1) runs on each chunk's columns after the GEMV (the GELU of c_fc)
+template <typename Prep, typename Then>
+static void gemv_phase(WorkPhase& ph, const WeightView& w, Gemv& g, Prep&& prep, Then&& then) {
+  const int64_t cols = gemv_chunk_cols(w);
+  ph.run(static_cast<int32_t>(CEIL_DIV(w.N, cols)), prep, [&](int32_t c) {
+    const int64_t n0 = c * cols, n1 = std::min(w.N, n0 + cols);
+    gemv_cols(g, n0, n1);
+    then(n0, n1);
+  });
+}
+
 static void layer_small(const LayerPlan& P, float* x, float* qkv, float* att, float* f, const Shape& s, float eps,
-                        ThreadCtx& c, SpinBarrier& bar) {
+                        ThreadCtx& c, WorkPhase* ph) {
   const int64_t M = s.B * s.T, C = s.C, H = s.H, D = s.D, F = P.fc.w.N;
   float* h = c.h.data();
-  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l1w, P.l1b, h + m * C, C, eps);
-  const Gemv g = c.gemv(P.qkv, h, M, qkv, false);
-  if (c.n <= H && D % gemv_unit(P.qkv.w) == 0) {  // this thread's heads: q, k, v columns, then attention
-    const int64_t h0 = H * c.t / c.n, h1 = H * (c.t + 1) / c.n;
-    for (int64_t sec = 0; sec < 3; ++sec) gemv_cols(g, sec * C + h0 * D, sec * C + h1 * D);
-    for (int64_t b = 0; b < s.B; ++b)
-      for (int64_t hh = h0; hh < h1; ++hh) attend_pair(qkv, att, P.kc, P.vc, s, b, hh, c.p.data());
-  } else {  // more threads than heads: QKV columns, a barrier, then (row, head) pairs
-    c.run_mine(g);
-    bar.wait();
-    const int64_t BH = s.B * H;
-    for (int64_t i = BH * c.t / c.n; i < BH * (c.t + 1) / c.n; ++i)
-      attend_pair(qkv, att, P.kc, P.vc, s, i / H, i % H, c.p.data());
+  auto none = [](int64_t, int64_t) {};
+  Gemv g;
+  auto ln1 = [&] {
+    for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l1w, P.l1b, h + m * C, C, eps);
+    g = c.gemv(P.qkv, h, M, qkv, false);
+  };
+  if (D % gemv_unit(P.qkv.w) == 0) {  // a chunk = a head: its q, k, v columns, cache write, attention
+    ph[0].run(static_cast<int32_t>(H), ln1, [&](int32_t hh) {
+      for (int64_t sec = 0; sec < 3; ++sec) gemv_cols(g, sec * C + hh * D, sec * C + (hh + 1) * D);
+      for (int64_t b = 0; b < s.B; ++b) attend_pair(qkv, att, P.kc, P.vc, s, b, hh, c.p.data());
+    });
+  } else {  // QKV columns, then (row, head) pairs
+    gemv_phase(ph[0], P.qkv.w, g, ln1, none);
+    ph[4].run(static_cast<int32_t>(s.B * H), [] {},
+              [&](int32_t i) { attend_pair(qkv, att, P.kc, P.vc, s, i / H, i % H, c.p.data()); });
   }
-  bar.wait();
-  c.run_mine(c.gemv(P.ao, att, M, x, true));
-  bar.wait();
-  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l2w, P.l2b, h + m * C, C, eps);
-  const Gemv gf = c.gemv(P.fc, h, M, f, false);
-  int64_t n0, n1;
-  c.my_cols(gf, n0, n1);
-  gemv_cols(gf, n0, n1);
-  for (int64_t m = 0; m < M; ++m) gelu_inplace(f + m * F + n0, n1 - n0);
-  bar.wait();
-  c.run_mine(c.gemv(P.mp, f, M, x, true));
-  bar.wait();
+  gemv_phase(ph[1], P.ao.w, g, [&] { g = c.gemv(P.ao, att, M, x, true); }, none);
+  auto ln2 = [&] {
+    for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l2w, P.l2b, h + m * C, C, eps);
+    g = c.gemv(P.fc, h, M, f, false);
+  };
+  gemv_phase(ph[2], P.fc.w, g, ln2, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) gelu_inplace(f + m * F + n0, n1 - n0);
+  });
+  gemv_phase(ph[3], P.mp.w, g, [&] { g = c.gemv(P.mp, f, M, x, true); }, none);
 }
 
 static void forward_small(const std::vector<LayerPlan>& plans, const Linear& lm, const float* lnf_w,
@@ -282,21 +287,24 @@ static void forward_small(const std::vector<LayerPlan>& plans, const Linear& lm,
   for (const LayerPlan& P : plans) F = std::max(F, P.fc.w.N);
   const int64_t K = std::max(C, F);
   std::vector<float> qkv(M * 3 * C), att(M * C), f(M * F);
+  const size_t n_phases = 5 * plans.size() + 1;
+  std::unique_ptr<WorkPhase[]> phases(new WorkPhase[n_phases]);
   const int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
-  SpinBarrier bar;
 #pragma omp parallel num_threads(nt)
   {
-#pragma omp single
-    bar.reset(omp_get_num_threads());
-    ThreadCtx c{omp_get_thread_num(), omp_get_num_threads(), isa, lowp,
-                std::vector<float>(M * C), std::vector<float>(M, 1.f), std::vector<float>(s.S),
+    ThreadCtx c{isa, lowp, std::vector<float>(M * C), std::vector<float>(M, 1.f), std::vector<float>(s.S),
                 std::vector<uint8_t>(lowp ? M * K : 0), std::vector<uint16_t>(lowp ? M * K : 0), LowpRows{}};
-    for (const LayerPlan& P : plans) layer_small(P, x, qkv.data(), att.data(), f.data(), s, eps, c, bar);
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
-      ln_row(x + m * C, lnf_w, lnf_b, c.h.data() + r * C, C, eps);
-    }
-    c.run_mine(c.gemv(lm, c.h.data(), R, logits, false));
+    for (size_t l = 0; l < plans.size(); ++l)
+      layer_small(plans[l], x, qkv.data(), att.data(), f.data(), s, eps, c, &phases[5 * l]);
+    Gemv g;
+    auto lnf = [&] {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
+        ln_row(x + m * C, lnf_w, lnf_b, c.h.data() + r * C, C, eps);
+      }
+      g = c.gemv(lm, c.h.data(), R, logits, false);
+    };
+    gemv_phase(phases[n_phases - 1], lm.w, g, lnf, [](int64_t, int64_t) {});
   }
 }
 

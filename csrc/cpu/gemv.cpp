@@ -302,10 +302,10 @@ bool lowp_applies(const WeightView& w, Isa isa, bool lowp_act) {
 
 int64_t gemv_unit(const WeightView& w) { return w.kn ? 16 : 4; }
 
-void split_cols(const WeightView& w, int t, int n, int64_t& n0, int64_t& n1) {
-  const int64_t u = gemv_unit(w), units = CEIL_DIV(w.N, u);
-  n0 = std::min(w.N, units * t / n * u);
-  n1 = std::min(w.N, units * (t + 1) / n * u);
+int64_t gemv_chunk_cols(const WeightView& w) {
+  const int64_t esize = w.dtype == at::kFloat ? 4 : w.dtype == at::kBFloat16 ? 2 : 1;
+  const int64_t unit = gemv_unit(w), unit_bytes = unit * std::max<int64_t>(w.K, 1) * esize;
+  return std::max<int64_t>(1, (int64_t{64} << 10) / unit_bytes) * unit;
 }
 
 static int64_t prefetch_distance(const WeightView& w) {

@@ -69,14 +69,14 @@ struct Gemv {                 // one y (+)= x W^T * s + b
 
 // Output columns come in units of gemv_unit(w) (4 rows of an (N, K) weight, 16 columns of a (K, N) one).
 int64_t gemv_unit(const WeightView& w);
-// [n0, n1): thread t's share (of n) of the N columns, cut at units, so that every output is
-// computed by one thread with the same arithmetic whatever n is.
-void split_cols(const WeightView& w, int t, int n, int64_t& n0, int64_t& n1);
+// Columns per chunk when a caller hands the columns out in chunks: whole units, ~64 KiB of weights
+// (a few us of streaming: many chunks per thread, each a sequential run), fixed by w alone.
+int64_t gemv_chunk_cols(const WeightView& w);
 // whether gemv(..., lowp_act) would round x for this weight on this CPU
 bool lowp_applies(const WeightView& w, Isa isa, bool lowp_act);
 // x (M, K) rounded for the lowp path: int8 (q + 128 and per-row scale xs) or bf16 (b)
 void round_rows(const float* x, int64_t M, int64_t ldx, int64_t K, bool int8, uint8_t* q, float* xs, uint16_t* b);
-// outputs [n0, n1) of g on the calling thread (n0, n1 from split_cols, or 0 and N)
+// outputs [n0, n1) of g on the calling thread (n0 and n1 multiples of gemv_unit(w), or n1 == N)
 void gemv_cols(const Gemv& g, int64_t n0, int64_t n1);
 
 constexpr int64_t kGemvMaxRows = 8;  // more rows of x (prefill) go to ATen's GEMM
