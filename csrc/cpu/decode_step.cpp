@@ -2,7 +2,7 @@
 // (T == 1) of gpt2_fast/cpu_decode.py, so Python runs once per token instead of issuing ~1,100 ops.
 //
 //   x = wte[idx] + wpe[pos]                                  pos = slot - kv_start[b] (>= 0)
-//   per layer:  h = LN1(x);  qkv = h Wqkv^T + b              (gemv.h; ATen GEMM for > 8 rows)
+//   per layer:  h = LN1(x);  qkv = h Wqkv^T + b              (gemv.h; or ATen GEMM: region_max_rows)
 //               K, V caches[b, head, slot] = k, v            slot = start + t
 //               a = softmax(q K^T / sqrt(D)) V over slots [kv_start[b], slot]   (causal)
 //               x += a Wo^T + bo;  h = LN2(x);  f = gelu_tanh(h Wfc^T + bfc);  x += f Wp^T + bp
@@ -16,18 +16,22 @@
 // scale). Design choice: one op for the whole model rather than one per layer, because per-token
 // dispatch overhead, not arithmetic, is what separates a Python step from the bandwidth floor.
 //
-// Threads. Up to kGemvMaxRows rows (decode, short prompts) the whole forward is ONE OpenMP parallel
+// Threads. Up to region_max_rows() rows (decode; short prompts) the whole forward is ONE OpenMP parallel
 // region: a sequence of phases (work_phase.h), 4 per layer: [LN1, then per head: its q, k, v
 // columns, cache write and attention] [attn proj + residual] [LN2, fc + GELU] [mlp proj +
 // residual], then [LN_f, LM head]. A phase's chunks (a head, or ~64 KiB of a weight's output
 // rows) go to whichever thread claims them; each thread does its own LayerNorm (and activation
 // rounding) of the phase's input, so only a finished phase is waited for. A token thus costs one
 // fork/join instead of ~61 (one per parallel op), a descheduled thread holds up no phase it has
-// not started, and the logits do not depend on the thread count. Longer prefills run op by op
-// with ATen's GEMM (at::parallel_for inside).
+// not started, and the logits do not depend on the thread count. A contention guard (below
+// forward_small) drops to one thread for a while when the others were mostly waited for. Longer
+// prefills run op by op with ATen's GEMM (at::parallel_for inside).
 #include <omp.h>
 
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <memory>
 #include <vector>
 
@@ -191,7 +195,22 @@ static LayerPlan make_plan(at::TensorList L, const Tensor& kc, const Tensor& vc,
   return P;
 }
 
-// ---- more than kGemvMaxRows rows (prefill): op by op, ATen GEMM, parallel inside each op ----
+// Up to this many rows (B * T) the forward runs in one parallel region with the GEMV kernels, whose
+// (N, K) loop keeps a group of 4 weight rows in L1 while it goes over every row of x: the weights
+// are read from memory once per call and int8 / bf16 need no float copy (int8 prefill of 32
+// tokens ~70 vs ~95 ms with a dequantized copy + GEMM, one thread, here). fp32 weights go to
+// ATen's GEMM beyond kGemvMaxRows: MKL's fp32 kernel beats ours there (~86 vs ~100 ms).
+// GPT2_FAST_CPU_REGION_ROWS overrides the limit (A/B runs).
+static int64_t region_max_rows(c10::ScalarType weight_dtype) {
+  static const int64_t env = [] {
+    const char* v = std::getenv("GPT2_FAST_CPU_REGION_ROWS");
+    return v && *v ? std::atoll(v) : int64_t{-1};
+  }();
+  if (env >= 0) return env;
+  return weight_dtype == at::kFloat ? kGemvMaxRows : 64;
+}
+
+// ---- more than region_max_rows() rows (prefill): op by op, ATen GEMM, parallel inside each op ----
 
 static void lin(const Linear& l, const float* x, int64_t M, float* y, bool accumulate, Isa isa, bool lowp) {
   linear(x, M, l.w.K, l.weight, l.w, l.bias, y, l.w.N, accumulate, isa, lowp);
@@ -222,6 +241,7 @@ struct ThreadCtx {  // one thread's private scratch in the region
   std::vector<uint8_t> q8;
   std::vector<uint16_t> q16;
   LowpRows rows;
+  int64_t* wait_ns;  // the calling thread's time spent waiting for other threads' chunks, else null
 
   // the GEMV y (+)= in W^T + b of projection l, with `in` rounded into this thread's scratch when
   // the lowp path applies (every thread rounds the whole input itself: same values, no wait)
@@ -239,13 +259,13 @@ struct ThreadCtx {  // one thread's private scratch in the region
 // g's columns as a phase of chunks; prep() (this thread's input) fills g before its first chunk,
 // then(n0, n1) runs on each chunk's columns after the GEMV (the GELU of c_fc)
 template <typename Prep, typename Then>
-static void gemv_phase(WorkPhase& ph, const WeightView& w, Gemv& g, Prep&& prep, Then&& then) {
+static void gemv_phase(WorkPhase& ph, const ThreadCtx& c, const WeightView& w, Gemv& g, Prep&& prep, Then&& then) {
   const int64_t cols = gemv_chunk_cols(w);
   ph.run(static_cast<int32_t>(CEIL_DIV(w.N, cols)), prep, [&](int32_t c) {
     const int64_t n0 = c * cols, n1 = std::min(w.N, n0 + cols);
     gemv_cols(g, n0, n1);
     then(n0, n1);
-  });
+  }, c.wait_ns);
 }
 
 static void layer_small(const LayerPlan& P, float* x, float* qkv, float* att, float* f, const Shape& s, float eps,
@@ -262,22 +282,30 @@ static void layer_small(const LayerPlan& P, float* x, float* qkv, float* att, fl
     ph[0].run(static_cast<int32_t>(H), ln1, [&](int32_t hh) {
       for (int64_t sec = 0; sec < 3; ++sec) gemv_cols(g, sec * C + hh * D, sec * C + (hh + 1) * D);
       for (int64_t b = 0; b < s.B; ++b) attend_pair(qkv, att, P.kc, P.vc, s, b, hh, c.p.data());
-    });
+    }, c.wait_ns);
   } else {  // QKV columns, then (row, head) pairs
-    gemv_phase(ph[0], P.qkv.w, g, ln1, none);
+    gemv_phase(ph[0], c, P.qkv.w, g, ln1, none);
     ph[4].run(static_cast<int32_t>(s.B * H), [] {},
-              [&](int32_t i) { attend_pair(qkv, att, P.kc, P.vc, s, i / H, i % H, c.p.data()); });
+              [&](int32_t i) { attend_pair(qkv, att, P.kc, P.vc, s, i / H, i % H, c.p.data()); }, c.wait_ns);
   }
-  gemv_phase(ph[1], P.ao.w, g, [&] { g = c.gemv(P.ao, att, M, x, true); }, none);
+  gemv_phase(ph[1], c, P.ao.w, g, [&] { g = c.gemv(P.ao, att, M, x, true); }, none);
   auto ln2 = [&] {
     for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l2w, P.l2b, h + m * C, C, eps);
     g = c.gemv(P.fc, h, M, f, false);
   };
-  gemv_phase(ph[2], P.fc.w, g, ln2, [&](int64_t n0, int64_t n1) {
+  gemv_phase(ph[2], c, P.fc.w, g, ln2, [&](int64_t n0, int64_t n1) {
     for (int64_t m = 0; m < M; ++m) gelu_inplace(f + m * F + n0, n1 - n0);
   });
-  gemv_phase(ph[3], P.mp.w, g, [&] { g = c.gemv(P.mp, f, M, x, true); }, none);
+  gemv_phase(ph[3], c, P.mp.w, g, [&] { g = c.gemv(P.mp, f, M, x, true); }, none);
 }
+
+// Contention guard: when the calling thread spent more than a quarter of a multi-threaded forward
+// waiting for the others (their chunks, or the end of the region), another process holds their
+// cores (a busy or oversubscribed machine): the next kDemoteCalls forwards run on this thread
+// alone, then the full count is tried again. Results are the same bits either way.
+// GPT2_FAST_CPU_DEMOTE=0 turns the guard off.
+constexpr int kDemoteCalls = 64;
+static std::atomic<int> g_demoted{0};
 
 static void forward_small(const std::vector<LayerPlan>& plans, const Linear& lm, const float* lnf_w,
                           const float* lnf_b, float* x, const Shape& s, float eps, Isa isa, bool lowp, float* logits,
@@ -289,11 +317,23 @@ static void forward_small(const std::vector<LayerPlan>& plans, const Linear& lm,
   std::vector<float> qkv(M * 3 * C), att(M * C), f(M * F);
   const size_t n_phases = 5 * plans.size() + 1;
   std::unique_ptr<WorkPhase[]> phases(new WorkPhase[n_phases]);
-  const int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const char* guard = std::getenv("GPT2_FAST_CPU_DEMOTE");  // "0": no contention guard (tests, A/B)
+  const bool demote = !(guard && guard[0] == '0');
+  if (nt > 1 && demote && g_demoted.load(std::memory_order_relaxed) > 0) {
+    g_demoted.fetch_sub(1, std::memory_order_relaxed);
+    nt = 1;
+  }
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  Clock::time_point main_done;
+  int64_t main_wait_ns = 0;
 #pragma omp parallel num_threads(nt)
   {
+    const bool main = omp_get_thread_num() == 0;
     ThreadCtx c{isa, lowp, std::vector<float>(M * C), std::vector<float>(M, 1.f), std::vector<float>(s.S),
-                std::vector<uint8_t>(lowp ? M * K : 0), std::vector<uint16_t>(lowp ? M * K : 0), LowpRows{}};
+                std::vector<uint8_t>(lowp ? M * K : 0), std::vector<uint16_t>(lowp ? M * K : 0), LowpRows{},
+                main && nt > 1 ? &main_wait_ns : nullptr};
     for (size_t l = 0; l < plans.size(); ++l)
       layer_small(plans[l], x, qkv.data(), att.data(), f.data(), s, eps, c, &phases[5 * l]);
     Gemv g;
@@ -304,7 +344,13 @@ static void forward_small(const std::vector<LayerPlan>& plans, const Linear& lm,
       }
       g = c.gemv(lm, c.h.data(), R, logits, false);
     };
-    gemv_phase(phases[n_phases - 1], lm.w, g, lnf, [](int64_t, int64_t) {});
+    gemv_phase(phases[n_phases - 1], c, lm.w, g, lnf, [](int64_t, int64_t) {});
+    if (main) main_done = Clock::now();
+  }
+  if (nt > 1) {
+    const auto end = Clock::now();
+    const int64_t idle = main_wait_ns + (end - main_done).count(), total = (end - start).count();
+    if (demote && 4 * idle > total) g_demoted.store(kDemoteCalls, std::memory_order_relaxed);
   }
 }
 
@@ -379,7 +425,7 @@ Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_st
   std::vector<float> x(M * C);
   if (wte.scalar_type() == at::kFloat) embed_rows<float>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
   else embed_rows<c10::BFloat16>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
-  if (M <= kGemvMaxRows) {
+  if (M <= region_max_rows(plans.empty() ? lm.w.dtype : plans[0].qkv.w.dtype)) {
     forward_small(plans, lm, lw, lb, x.data(), s, e, is, lowp_act, logits.data_ptr<float>(), all_logits);
   } else {
     std::vector<float> h(M * C), qkv(M * 3 * C), att(M * C), f(M * F);

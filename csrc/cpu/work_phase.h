@@ -19,6 +19,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 
@@ -45,8 +46,9 @@ struct WorkPhase {
 
   // run(c) for every chunk c < total this thread claims; prep() once before its first chunk
   // (per-thread inputs, e.g. its own LayerNorm of x); then wait for every chunk to be done
+  // (adding the nanoseconds waited to *waited_ns when given)
   template <typename Prep, typename Run>
-  void run(int32_t total, Prep&& prep, Run&& run_chunk) {
+  void run(int32_t total, Prep&& prep, Run&& run_chunk, int64_t* waited_ns = nullptr) {
     bool ready = false;
     for (int32_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
       if (!ready) {
@@ -56,6 +58,13 @@ struct WorkPhase {
       run_chunk(c);
       if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == total) done.notify_all();
     }
+    if (done.load(std::memory_order_acquire) == total) return;
+    const auto t0 = waited_ns ? std::chrono::steady_clock::now() : std::chrono::steady_clock::time_point{};
+    wait_done(total);
+    if (waited_ns) *waited_ns += (std::chrono::steady_clock::now() - t0).count();
+  }
+
+  void wait_done(int32_t total) {
     for (int i = spin_pauses(); i > 0; --i) {
       if (done.load(std::memory_order_acquire) == total) return;
       GPT2F_PAUSE();
