@@ -332,7 +332,7 @@ static void forward_small(const std::vector<LayerPlan>& plans, const Linear& lm,
   {
     const bool main = omp_get_thread_num() == 0;
     ThreadCtx c{isa, lowp, std::vector<float>(M * C), std::vector<float>(M, 1.f), std::vector<float>(s.S),
-                std::vector<uint8_t>(lowp ? M * K : 0), std::vector<uint16_t>(lowp ? M * K : 0), LowpRows{},
+                std::vector<uint8_t>(lowp ? 2 * M * K : 0), std::vector<uint16_t>(lowp ? M * K : 0), LowpRows{},
                 main && nt > 1 ? &main_wait_ns : nullptr};
     for (size_t l = 0; l < plans.size(); ++l)
       layer_small(plans[l], x, qkv.data(), att.data(), f.data(), s, eps, c, &phases[5 * l]);

@@ -118,9 +118,14 @@ GPT2F_INLINE float hsum(v16f v) { return _mm512_reduce_add_ps((__m512)v); }
 // Low-precision activations (lowp_act): the x rows are rounded to the weight's type so that one
 // instruction does 64 (int8: AVX512-VNNI vpdpbusd) or 32 (bf16: AVX512-BF16 vdpbf16ps) multiply-adds,
 // instead of converting every weight to fp32 first (3 instructions per 16 weights). int8 (W8A8):
-// x[m] ~= xs[m] * q[m], q = round(x / xs) in [-127, 127], xs = max|x[m]| / 127, stored as q + 128
-// (vpdpbusd multiplies unsigned by signed bytes), so sum_k (q + 128) w - 128 sum_k w = sum_k q w,
-// with sum_k w from a second vpdpbusd against ones; y = that * xs[m] * scale[n] + bias[n].
+// vpdpbusd multiplies unsigned by signed bytes, so x is split by sign: x[m] ~= xs[m] (p - n) with
+// p = round(max(x, 0) / xs), n = round(max(-x, 0) / xs) in [0, 255], xs = max|x[m]| / 255, and
+// sum_k x w = xs (sum_k p w + sum_k n (-w)): two vpdpbusd per weight vector into one int32
+// accumulator, y = that * xs[m] * scale[n] + bias[n]. Design choice: vs the usual u8 = q + 128
+// with a zero-point compensation (sum_k w, a second vpdpbusd against ones: the same instruction
+// count), each sign gets all 255 levels, halving the rounding step of the activations (the
+// logits' error then stays near weight-only int8's). Needs weights in [-127, 127] (symmetric
+// quantization's range: -w must fit in int8).
 // bf16: x rounded to nearest-even bf16, fp32 accumulation. (N, K) layout only.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vnni,avx512bf16,fma")
@@ -132,28 +137,28 @@ GPT2F_INLINE void w8a8_group(const GemvArgs& a, const Rows& x, int64_t n0, int n
   const int64_t K = a.w.K, K64 = K / 64 * 64;
   const int8_t* wr[4];
   for (int i = 0; i < 4; ++i) wr[i] = static_cast<const int8_t*>(a.w.data) + (n0 + (i < nr ? i : nr - 1)) * a.w.ld;
-  __m512i acc[MR][4], wsum[4];
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int i = 0; i < 4; ++i) {
-    wsum[i] = _mm512_setzero_si512();
-    for (int r = 0; r < MR; ++r) acc[r][i] = _mm512_setzero_si512();
-  }
+  __m512i acc[MR][4];
+  const __m512i zero = _mm512_setzero_si512();
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = zero;
   for (int64_t k = 0; k < K64; k += 64) {
-    __m512i w[4];
+    __m512i w[4], wn[4];
     for (int i = 0; i < 4; ++i) {
       __builtin_prefetch(wr[i] + k + a.pf);
       w[i] = _mm512_loadu_si512(wr[i] + k);
-      wsum[i] = _mm512_dpbusd_epi32(wsum[i], ones, w[i]);
+      wn[i] = _mm512_sub_epi8(zero, w[i]);
     }
     for (int r = 0; r < MR; ++r) {
-      const __m512i xv = _mm512_loadu_si512(x.q + (m0 + r) * K + k);
-      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], xv, w[i]);
+      const uint8_t* xr = x.q + (m0 + r) * 2 * K + k;
+      const __m512i xp = _mm512_loadu_si512(xr), xn = _mm512_loadu_si512(xr + K);
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][i], xp, w[i]), xn, wn[i]);
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int i = 0; i < nr; ++i) {
-      int32_t s = _mm512_reduce_add_epi32(acc[r][i]) - 128 * _mm512_reduce_add_epi32(wsum[i]);
-      for (int64_t k = K64; k < K; ++k) s += (static_cast<int32_t>(x.q[(m0 + r) * K + k]) - 128) * wr[i][k];
+      int32_t s = _mm512_reduce_add_epi32(acc[r][i]);
+      const uint8_t* xr = x.q + (m0 + r) * 2 * K;
+      for (int64_t k = K64; k < K; ++k) s += (static_cast<int32_t>(xr[k]) - xr[K + k]) * wr[i][k];
       portable::store_out(a, m0 + r, n0 + i, static_cast<float>(s) * x.xs[m0 + r]);
     }
 }
@@ -277,11 +282,16 @@ static int weight_kind(c10::ScalarType t) {
 void round_rows(const float* x, int64_t M, int64_t ldx, int64_t K, bool int8, uint8_t* q, float* xs, uint16_t* b) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
-    if (int8) {
+    if (int8) {  // the sign split of the lowp namespace: p then n, K bytes each, per row
       float amax = 0.f;
       for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
-      const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
-      for (int64_t k = 0; k < K; ++k) q[m * K + k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(xr[k] * inv)) + 128);
+      const float s = amax > 0.f ? amax / 255.f : 1.f, inv = 1.f / s;
+      uint8_t *p = q + m * 2 * K, *n = p + K;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = xr[k] * inv;
+        p[k] = static_cast<uint8_t>(std::nearbyint(v > 0.f ? v : 0.f));
+        n[k] = static_cast<uint8_t>(std::nearbyint(v < 0.f ? -v : 0.f));
+      }
       xs[m] = s;
     } else {
       for (int64_t k = 0; k < K; ++k) {
@@ -354,7 +364,7 @@ void gemv(const float* x, int64_t M, int64_t ldx, const WeightView& w, const flo
   std::vector<uint16_t> b;
   LowpRows rows;
   if (lowp_applies(w, isa, lowp_act)) {
-    q.resize(kind == 2 ? M * w.K : 0);
+    q.resize(kind == 2 ? 2 * M * w.K : 0);
     xs.assign(M, 1.f);
     b.resize(kind == 1 ? M * w.K : 0);
     round_rows(x, M, ldx, w.K, kind == 2, q.data(), xs.data(), b.data());

@@ -50,7 +50,7 @@ void gemv(const float* x, int64_t M, int64_t ldx, const WeightView& w, const flo
 // (the fused decode step: one parallel region per token, csrc/cpu/decode_step.cpp)
 
 struct LowpRows {             // x rounded by round_rows (see gemv.cpp's lowp namespace)
-  const uint8_t* q = nullptr;   // int8 mode: q + 128, (M, K)
+  const uint8_t* q = nullptr;   // int8 mode: per row, K bytes round(max(x, 0) / xs), K of round(max(-x, 0) / xs)
   const float* xs = nullptr;    // int8 mode: per-row scale
   const uint16_t* b = nullptr;  // bf16 mode: bf16 bits, (M, K)
 };
@@ -74,7 +74,7 @@ int64_t gemv_unit(const WeightView& w);
 int64_t gemv_chunk_cols(const WeightView& w);
 // whether gemv(..., lowp_act) would round x for this weight on this CPU
 bool lowp_applies(const WeightView& w, Isa isa, bool lowp_act);
-// x (M, K) rounded for the lowp path: int8 (q + 128 and per-row scale xs) or bf16 (b)
+// x (M, K) rounded for the lowp path: int8 (q: 2 * M * K bytes, per-row scale xs) or bf16 (b: M * K)
 void round_rows(const float* x, int64_t M, int64_t ldx, int64_t K, bool int8, uint8_t* q, float* xs, uint16_t* b);
 // outputs [n0, n1) of g on the calling thread (n0 and n1 multiples of gemv_unit(w), or n1 == N)
 void gemv_cols(const Gemv& g, int64_t n0, int64_t n1);
