@@ -16,9 +16,12 @@ model's own static cache, kept fp32.
 
 GPT2_FAST_CPU_FUSED=0 turns it off (the engine then runs the Python step);
 GPT2_FAST_CPU_ISA=portable|avx2|avx512 caps the kernels' instruction set;
-GPT2_FAST_CPU_LOWP_ACT=1 (or CpuDecoder(lowp_act=True)) rounds the activations entering int8 / bf16
-(N, K)-stored weights to int8 (per-row scale: W8A8, AVX512-VNNI) / bf16 (AVX512-BF16), trading
-some agreement with fp32 for fewer instructions per weight (bench/cpu_decode_peers.py measures both).
+Low-precision activations (lowp_act) round the activations entering int8 / bf16 (N, K)-stored
+weights to 8 bits per sign (per-row scale: W8A8, AVX512-VNNI) / bf16 (AVX512-BF16), for fewer
+instructions per weight. Default: on for int8 models (their logits' error stays ~1.1x weight-only
+int8's, see gemv.cpp), off for bf16 ones (bf16 activations lose more than they gain);
+GPT2_FAST_CPU_LOWP_ACT=1 turns it on for both, =0 off for both, as does CpuDecoder(lowp_act=...).
+CPUs without VNNI / AVX512-BF16 ignore it (bench/cpu_decode_peers.py measures every mode).
 """
 from __future__ import annotations
 
@@ -81,6 +84,11 @@ def unsupported_reason(model) -> Optional[str]:
     return None
 
 
+def _has_int8(model) -> bool:
+    from .quant import Int8Linear
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
 class CpuDecoder:
     """The flat tensor lists of one model for cpu_gpt2_forward, built once (call `fresh` to know
     whether the model's tensors are still the ones packed)."""
@@ -90,7 +98,10 @@ class CpuDecoder:
         if why is not None:
             raise ValueError(f"CpuDecoder: {why}")
         self.model, self.isa = model, isa
-        self.lowp_act = os.environ.get("GPT2_FAST_CPU_LOWP_ACT") == "1" if lowp_act is None else bool(lowp_act)
+        if lowp_act is None:
+            env = os.environ.get("GPT2_FAST_CPU_LOWP_ACT")
+            lowp_act = env == "1" if env in ("0", "1") else _has_int8(model)
+        self.lowp_act = bool(lowp_act)
         self._op = _op("cpu_gpt2_forward")
         self._key = self._identity()
         t, cfg = model.transformer, model.config

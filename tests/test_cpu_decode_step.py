@@ -70,7 +70,7 @@ def test_fused_greedy_equals_hf(model, tmp_path):
 
 def fused_logits(m, idx, isa=-1):
     m.setup_cache(idx.shape[0], idx.shape[1], dtype=torch.float32)
-    return CpuDecoder(m, isa=isa).forward(idx, 0, all_logits=True)
+    return CpuDecoder(m, isa=isa, lowp_act=False).forward(idx, 0, all_logits=True)
 
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
@@ -97,7 +97,7 @@ def test_fused_logits_equal_python_forward(model, kind):
         got = fused_logits(m, idx, isa)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3 if kind != "fp32" else 2e-4)
         # decode: the last token alone after a prefill of the first 8 (the GEMV path)
-        dec = CpuDecoder(m, isa=isa)
+        dec = CpuDecoder(m, isa=isa, lowp_act=False)    # fp32 activations: the weight-only kernels
         dec.forward(idx[:, :8], 0)
         step = dec.forward(idx[:, 8:], 8)
         torch.testing.assert_close(step, ref[:, -1], rtol=1e-4, atol=1e-3 if kind != "fp32" else 2e-4)
@@ -116,7 +116,8 @@ def test_fused_forward_rejects_bad_inputs(model):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-def test_lowp_activations_stay_close_to_weight_only(model, kind):
+def test_lowp_activations_stay_close_to_weight_only(model, kind, monkeypatch):
+    monkeypatch.delenv("GPT2_FAST_CPU_LOWP_ACT", raising=False)
     m = copy.deepcopy(model)
     m = m.to(torch.bfloat16) if kind == "bf16" else quantize_int8(m)
     idx = torch.randint(0, 2000, (1, 9), generator=torch.Generator().manual_seed(2))
@@ -126,7 +127,7 @@ def test_lowp_activations_stay_close_to_weight_only(model, kind):
     CpuDecoder(m, lowp_act=True).forward(idx[:, :8], 0)
     lowp = CpuDecoder(m, lowp_act=True).forward(idx[:, 8:], 8)
     assert (lowp - exact).abs().max() <= 0.05 * exact.abs().max()
-    assert CpuDecoder(m).lowp_act is False  # opt-in only (GPT2_FAST_CPU_LOWP_ACT=1)
+    assert CpuDecoder(m).lowp_act is (kind == "int8")  # the default: W8A8 for int8 models only
 
 
 def test_pack_for_cpu_inference_keeps_values_ties_and_tokens(model):
