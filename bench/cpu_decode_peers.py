@@ -281,6 +281,7 @@ def measure(engines, threads, args, work, model_dir, prompt, cfg) -> dict:
     for r in range(args.reps):
         order = list(procs)[r % len(procs):] + list(procs)[:r % len(procs)]  # rotate who goes first
         for e in order:
+            time.sleep(0.5)  # the previous engine's idle threads stop spinning (OpenMP, ORT pools)
             runs[e].append(ask(procs[e]))
     for p in procs.values():
         p.stdin.close()

@@ -301,11 +301,12 @@ static void layer_small(const LayerPlan& P, float* x, float* qkv, float* att, fl
 
 // Contention guard: when the calling thread spent more than a quarter of a multi-threaded forward
 // waiting for the others (their chunks, or the end of the region), another process holds their
-// cores (a busy or oversubscribed machine): the next kDemoteCalls forwards run on this thread
-// alone, then the full count is tried again. Results are the same bits either way.
-// GPT2_FAST_CPU_DEMOTE=0 turns the guard off.
-constexpr int kDemoteCalls = 64;
-static std::atomic<int> g_demoted{0};
+// cores (a busy or oversubscribed machine, or a previous program's threads still spinning): the
+// next forwards run on this thread alone, then the full count is tried again. The one-thread
+// stretch doubles (4, 8, ... 256 calls) while the contention lasts and is back to 4 after a good
+// multi-threaded call, so a passing disturbance costs a few tokens and a lasting one a probe now
+// and then. Results are the same bits either way. GPT2_FAST_CPU_DEMOTE=0 turns the guard off.
+static std::atomic<int> g_demoted{0}, g_backoff{0};
 
 static void forward_small(const std::vector<LayerPlan>& plans, const Linear& lm, const float* lnf_w,
                           const float* lnf_b, float* x, const Shape& s, float eps, Isa isa, bool lowp, float* logits,
@@ -350,7 +351,13 @@ static void forward_small(const std::vector<LayerPlan>& plans, const Linear& lm,
   if (nt > 1) {
     const auto end = Clock::now();
     const int64_t idle = main_wait_ns + (end - main_done).count(), total = (end - start).count();
-    if (demote && 4 * idle > total) g_demoted.store(kDemoteCalls, std::memory_order_relaxed);
+    if (demote && 4 * idle > total) {
+      const int n = std::min(256, std::max(4, 2 * g_backoff.load(std::memory_order_relaxed)));
+      g_backoff.store(n, std::memory_order_relaxed);
+      g_demoted.store(n, std::memory_order_relaxed);
+    } else {
+      g_backoff.store(0, std::memory_order_relaxed);
+    }
   }
 }
 
