@@ -13,7 +13,8 @@ resident set is its own), loaded once per thread count; a repetition runs every 
 a rotated order (interleaved, so background load hits all alike). Batch 1, greedy, a fixed
 random prompt; per run: time to first token (prefill + first token), ms/token over the rest,
 the tokens (agreement = positions equal to ours fp32's). RSS: VmRSS of the worker after its
-runs, and the same minus the worker's RSS after imports (what the model and its runtime add).
+runs, and the same minus the worker's RSS after imports (what the model and its runtime add);
+(anon): the growth of RssAnon alone (no lazily touched library code pages: the model's memory).
 Floor: the bytes a decode step must read (every weight but the embeddings; the tied LM head
 counts once) / the copy bandwidth measured in this run (read + write bytes / time), reported
 next to the results with the machine and its load (`uptime`) before and after.
@@ -39,20 +40,21 @@ ENGINES = ("ours_fp32", "ours_bf16", "ours_int8", "ours_w8a8", "ours_bf16a", "or
 # workers: one engine each, driven over stdin/stdout (one JSON line per request)
 # ---------------------------------------------------------------------------------------------
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """VmRSS (all resident pages), or RssAnon (anonymous ones only: the model's memory, without the
+    shared-library code pages a run touches lazily) of this process, in MB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
 def load_ours(model_dir: str, kind: str, threads: int):
     """kind: fp32, bf16, int8 (weight-only: fp32 activations), w8a8 / bf16a (int8 / bf16 activations
-    too: GPT2_FAST_CPU_LOWP_ACT=1)."""
+    too: GPT2_FAST_CPU_LOWP_ACT=1; w8a8 is what an int8 model runs by default on a VNNI CPU)."""
     import torch
-    if kind in ("w8a8", "bf16a"):
-        os.environ["GPT2_FAST_CPU_LOWP_ACT"] = "1"
+    os.environ["GPT2_FAST_CPU_LOWP_ACT"] = "1" if kind in ("w8a8", "bf16a") else "0"
     from gpt2_fast import GPT
     from gpt2_fast.engine import Engine
     torch.set_num_threads(threads)
@@ -142,15 +144,21 @@ def worker(args) -> int:
             break
         toks, ttft, decode = run(prompt, args.new_tokens)
         print(json.dumps({"tokens": toks, "ttft_ms": ttft * 1e3, "ms_per_token": decode / (len(toks) - 1) * 1e3,
-                          "rss_mb": rss_mb(), "base_rss_mb": base_rss}), flush=True)
+                          "rss_mb": rss_mb(), "base_rss_mb": base_rss, "anon_mb": rss_mb("RssAnon"),
+                          "base_anon_mb": base_anon}), flush=True)
     return 0
 
 
 def _after_import(*mods) -> float:
     import importlib
+    global base_anon
     for m in mods:
         importlib.import_module(m)
+    base_anon = rss_mb("RssAnon")
     return rss_mb()
+
+
+base_anon = float("nan")  # RssAnon after the imports (set by _after_import)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +281,7 @@ def measure(engines, threads, args, work, model_dir, prompt, cfg) -> dict:
     for r in range(args.reps):
         order = list(procs)[r % len(procs):] + list(procs)[:r % len(procs)]  # rotate who goes first
         for e in order:
+            time.sleep(0.5)  # the previous engine's idle threads stop spinning (OpenMP, ORT pools)
             runs[e].append(ask(procs[e]))
     for p in procs.values():
         p.stdin.close()
@@ -293,6 +302,7 @@ def summarize(runs: dict, ref_tokens) -> dict:
                       ms_per_token_all=[round(r["ms_per_token"], 2) for r in rs],
                       ttft_ms=median([r["ttft_ms"] for r in rs]), rss_mb=rs[-1]["rss_mb"],
                       rss_above_imports_mb=rs[-1]["rss_mb"] - rs[-1]["base_rss_mb"],
+                      anon_above_imports_mb=rs[-1]["anon_mb"] - rs[-1]["base_anon_mb"],
                       agree=sum(a == b for a, b in zip(toks, ref_tokens)) if ref_tokens else None,
                       n_tokens=len(toks), tokens=toks)
     return out
@@ -408,12 +418,12 @@ def report(results, threads, bw, wbytes, skipped, load_before, load_after, args)
         res = results[str(t)]
         base = res.get("ours_fp32", {}).get("ms_per_token")
         print(f"\n{t} thread(s)\n{'engine':<10} {'ms/token':>9} {'vs ours fp32':>13} {'TTFT ms':>8} "
-              f"{'RSS MB':>7} {'(model)':>8} {'agree':>8}")
+              f"{'RSS MB':>7} {'(model)':>8} {'(anon)':>7} {'agree':>8}")
         for e, r in res.items():
             ratio = f"{base / r['ms_per_token']:.2f}x" if base else "-"
             agree = f"{r['agree']}/{r['n_tokens']}" if r["agree"] is not None else "-"
             print(f"{e:<10} {r['ms_per_token']:9.2f} {ratio:>13} {r['ttft_ms']:8.1f} {r['rss_mb']:7.0f} "
-                  f"{r['rss_above_imports_mb']:8.0f} {agree:>8}")
+                  f"{r['rss_above_imports_mb']:8.0f} {r['anon_above_imports_mb']:7.0f} {agree:>8}")
     print(f"\nfloor (bytes a step reads / {bw:.1f} GB/s copy bandwidth): "
           + ", ".join(f"{k} {v / 1e6:.0f} MB = {v / bw / 1e6:.1f} ms" for k, v in wbytes.items()))
     for e, why in skipped.items():

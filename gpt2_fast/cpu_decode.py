@@ -16,9 +16,12 @@ model's own static cache, kept fp32.
 
 GPT2_FAST_CPU_FUSED=0 turns it off (the engine then runs the Python step);
 GPT2_FAST_CPU_ISA=portable|avx2|avx512 caps the kernels' instruction set;
-GPT2_FAST_CPU_LOWP_ACT=1 (or CpuDecoder(lowp_act=True)) rounds the activations entering int8 / bf16
-(N, K)-stored weights to int8 (per-row scale: W8A8, AVX512-VNNI) / bf16 (AVX512-BF16), trading
-some agreement with fp32 for fewer instructions per weight (bench/cpu_decode_peers.py measures both).
+Low-precision activations (lowp_act) round the activations entering int8 / bf16 (N, K)-stored
+weights to 8 bits per sign (per-row scale: W8A8, AVX512-VNNI) / bf16 (AVX512-BF16), for fewer
+instructions per weight. Default: on for int8 models (their logits' error stays ~1.1x weight-only
+int8's, see gemv.cpp), off for bf16 ones (bf16 activations lose more than they gain);
+GPT2_FAST_CPU_LOWP_ACT=1 turns it on for both, =0 off for both, as does CpuDecoder(lowp_act=...).
+CPUs without VNNI / AVX512-BF16 ignore it (bench/cpu_decode_peers.py measures every mode).
 """
 from __future__ import annotations
 
@@ -81,6 +84,11 @@ def unsupported_reason(model) -> Optional[str]:
     return None
 
 
+def _has_int8(model) -> bool:
+    from .quant import Int8Linear
+    return any(isinstance(m, Int8Linear) for m in model.modules())
+
+
 class CpuDecoder:
     """The flat tensor lists of one model for cpu_gpt2_forward, built once (call `fresh` to know
     whether the model's tensors are still the ones packed)."""
@@ -90,7 +98,10 @@ class CpuDecoder:
         if why is not None:
             raise ValueError(f"CpuDecoder: {why}")
         self.model, self.isa = model, isa
-        self.lowp_act = os.environ.get("GPT2_FAST_CPU_LOWP_ACT") == "1" if lowp_act is None else bool(lowp_act)
+        if lowp_act is None:
+            env = os.environ.get("GPT2_FAST_CPU_LOWP_ACT")
+            lowp_act = env == "1" if env in ("0", "1") else _has_int8(model)
+        self.lowp_act = bool(lowp_act)
         self._op = _op("cpu_gpt2_forward")
         self._key = self._identity()
         t, cfg = model.transformer, model.config
@@ -140,17 +151,48 @@ def cpu_decoder_for(model, previous: Optional[CpuDecoder] = None) -> Optional[Cp
     return CpuDecoder(model)
 
 
-def pack_for_cpu_inference(model):
+def pack_for_cpu_inference(model, huge_pages: bool = True):
     """The packing step for an inference-only CPU model (call once after loading / quantizing):
-    every CPU parameter and buffer becomes its own contiguous copy, i.e. (out, in) rows for the
-    weights, the layout the GEMV kernels stream with prefetch (measured ~8% faster than the
-    engine's (in, out) cpu_layout for gpt2 fp32), and nothing still views the checkpoint's file
-    mapping, so the weights are resident once. Returns the model."""
+    every CPU parameter and buffer becomes a contiguous copy, i.e. (out, in) rows for the weights,
+    the layout the GEMV kernels stream with prefetch (measured ~8% faster than the engine's
+    (in, out) cpu_layout for gpt2 fp32), all in one anonymous memory arena, so nothing still views
+    the checkpoint's file mapping and the weights are resident once. huge_pages: the arena is
+    madvise(MADV_HUGEPAGE)d (Linux transparent huge pages in "madvise" mode): a decode step streams
+    every weight from memory, and 2 MiB pages spare the TLB misses of 4 KiB ones (int8 gpt2 step
+    ~12.5 vs ~14 ms, one thread, here). Tied tensors stay tied. Returns the model."""
     import itertools
+    import mmap
+    def key(t):  # tied tensors share one copy; a view of another shape gets its own
+        return t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())
+
+    tensors, seen = [], set()
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.device.type == "cpu" and t.numel() and key(t) not in seen:
+            seen.add(key(t))
+            tensors.append(t)
+    align = 4096
+    sizes = [-(-t.numel() * t.element_size() // align) * align for t in tensors]
+    total = sum(sizes)
+    if total == 0:
+        return model
+    arena = mmap.mmap(-1, total, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            arena.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            pass  # no transparent huge pages here: 4 KiB pages, same values
+    buf = torch.frombuffer(arena, dtype=torch.uint8)  # keeps the mapping alive with the tensors
+    new_of, off = {}, 0
     with torch.no_grad():
+        for t, size in zip(tensors, sizes):
+            n = t.numel() * t.element_size()
+            dst = buf[off:off + n].view(t.dtype).view(t.shape)
+            dst.copy_(t.data)
+            new_of[key(t)] = dst
+            off += size
         for t in itertools.chain(model.parameters(), model.buffers()):
-            if t.device.type == "cpu":
-                t.data = t.data.clone() if t.is_contiguous() else t.data.contiguous()
+            if t.device.type == "cpu" and t.numel():
+                t.data = new_of[key(t)]
     _trim_heap()
     return model
 

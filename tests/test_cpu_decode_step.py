@@ -70,7 +70,7 @@ def test_fused_greedy_equals_hf(model, tmp_path):
 
 def fused_logits(m, idx, isa=-1):
     m.setup_cache(idx.shape[0], idx.shape[1], dtype=torch.float32)
-    return CpuDecoder(m, isa=isa).forward(idx, 0, all_logits=True)
+    return CpuDecoder(m, isa=isa, lowp_act=False).forward(idx, 0, all_logits=True)
 
 
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
@@ -97,7 +97,7 @@ def test_fused_logits_equal_python_forward(model, kind):
         got = fused_logits(m, idx, isa)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-3 if kind != "fp32" else 2e-4)
         # decode: the last token alone after a prefill of the first 8 (the GEMV path)
-        dec = CpuDecoder(m, isa=isa)
+        dec = CpuDecoder(m, isa=isa, lowp_act=False)    # fp32 activations: the weight-only kernels
         dec.forward(idx[:, :8], 0)
         step = dec.forward(idx[:, 8:], 8)
         torch.testing.assert_close(step, ref[:, -1], rtol=1e-4, atol=1e-3 if kind != "fp32" else 2e-4)
@@ -116,7 +116,8 @@ def test_fused_forward_rejects_bad_inputs(model):
 
 
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
-def test_lowp_activations_stay_close_to_weight_only(model, kind):
+def test_lowp_activations_stay_close_to_weight_only(model, kind, monkeypatch):
+    monkeypatch.delenv("GPT2_FAST_CPU_LOWP_ACT", raising=False)
     m = copy.deepcopy(model)
     m = m.to(torch.bfloat16) if kind == "bf16" else quantize_int8(m)
     idx = torch.randint(0, 2000, (1, 9), generator=torch.Generator().manual_seed(2))
@@ -126,7 +127,7 @@ def test_lowp_activations_stay_close_to_weight_only(model, kind):
     CpuDecoder(m, lowp_act=True).forward(idx[:, :8], 0)
     lowp = CpuDecoder(m, lowp_act=True).forward(idx[:, 8:], 8)
     assert (lowp - exact).abs().max() <= 0.05 * exact.abs().max()
-    assert CpuDecoder(m).lowp_act is False  # opt-in only (GPT2_FAST_CPU_LOWP_ACT=1)
+    assert CpuDecoder(m).lowp_act is (kind == "int8")  # the default: W8A8 for int8 models only
 
 
 def test_pack_for_cpu_inference_keeps_values_ties_and_tokens(model):
@@ -141,3 +142,28 @@ def test_pack_for_cpu_inference_keeps_values_ties_and_tokens(model):
     assert m.lm_head.weight is m.transformer.wte.weight
     assert all(torch.equal(sd[k], v) for k, v in m.state_dict().items())
     assert tokens(Engine(m), PROMPTS, 6) == before
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int8_w8a8"])
+def test_decode_step_is_bitwise_independent_of_threads(model, kind, monkeypatch):
+    """The one-region decode step computes every output column whole on one thread, in chunks whose
+    boundaries do not depend on the thread count: the logits of 1, 2, 3 and 5 threads (more than
+    this box's cores: the waits' sleep path) are the same bits."""
+    monkeypatch.setenv("GPT2_FAST_CPU_DEMOTE", "0")  # every call on all its threads, however slow
+    m = copy.deepcopy(model)
+    if kind.startswith("int8"):
+        quantize_int8(m)
+    idx = torch.randint(0, 2000, (2, 12), generator=torch.Generator().manual_seed(4))
+    old = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3, 5):
+            torch.set_num_threads(n)
+            m.setup_cache(2, 12, dtype=torch.float32)
+            dec = CpuDecoder(m, lowp_act=kind == "int8_w8a8")
+            steps = [dec.forward(idx[:, :4], 0)] + [dec.forward(idx[:, t:t + 1], t) for t in range(4, 12)]
+            outs.append(torch.stack(steps))
+    finally:
+        torch.set_num_threads(old)
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])

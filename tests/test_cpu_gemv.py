@@ -136,7 +136,7 @@ FLAGS = _cpu_flags()
 
 @pytest.mark.parametrize("dtype,flag", [(torch.int8, "avx512_vnni"), (torch.bfloat16, "avx512_bf16")], ids=str)
 def test_lowp_activations_vs_float64_of_the_rounded_x(dtype, flag):
-    """lowp_act: x rounded to int8 (per-row scale, round half to even) or bf16, then exact dot products
+    """lowp_act: x rounded to 8 bits per sign (per-row scale, round half to even) or bf16, then exact dot products
     (VNNI int32 / BF16 pairs with fp32 accumulation)."""
     if 2 not in runnable_isas() or flag not in FLAGS or "avx512bw" not in FLAGS:
         pytest.skip(f"needs AVX-512 with {flag}")
@@ -147,8 +147,8 @@ def test_lowp_activations_vs_float64_of_the_rounded_x(dtype, flag):
         bias = torch.randn(N, generator=g)
         y = torch.ops.gpt2_fast.cpu_linear(x, w, scale, bias, 2, True)
         if dtype == torch.int8:
-            xs = x.abs().amax(1, keepdim=True) / 127
-            xr = torch.round(x / xs).clamp(-127, 127) * xs
+            xs = x.abs().amax(1, keepdim=True) / 255       # sign split: 255 levels each side
+            xr = (torch.round(x.clamp(min=0) / xs) - torch.round((-x).clamp(min=0) / xs)) * xs
         else:
             xr = x.bfloat16().float()
         err = (y.double() - reference(xr, w, scale, bias)).abs()

@@ -236,7 +236,7 @@ def _has_cpu_step():
         return False
 
 
-def stepwise_perplexity(model, ids, block, rows=8):
+def stepwise_perplexity(model, ids, block, rows=8, lowp_act=None):
     """Perplexity from decode steps of the fused CPU forward (8 rows a step: the GEMV kernels and
     the KV cache, as generation runs them)."""
     from gpt2_fast.cpu_decode import CpuDecoder
@@ -244,7 +244,7 @@ def stepwise_perplexity(model, ids, block, rows=8):
     x = torch.tensor(ids[:n]).view(-1, block)
     y = torch.tensor(ids[1:n + 1]).view(-1, block)
     model.setup_cache(rows, block, dtype=torch.float32)
-    dec = CpuDecoder(model)
+    dec = CpuDecoder(model, lowp_act=lowp_act)  # None: the default (W8A8 for int8 on VNNI CPUs)
     losses = []
     for xb, yb in zip(x.split(rows), y.split(rows)):
         for t in range(block):
@@ -265,6 +265,8 @@ def test_cpu_step_perplexity_of_int8_and_bf16_within_1_percent(trained_on_kjv):
     assert abs(bf16 / base - 1) < 0.01, f"bf16 perplexity {bf16:.3f} vs float {base:.3f}"
     int8 = stepwise_perplexity(_quantized_copy(model, bits=8), held_out, 32)
     assert abs(int8 / base - 1) < 0.01, f"int8 perplexity {int8:.3f} vs float {base:.3f}"
+    w8 = stepwise_perplexity(_quantized_copy(model, bits=8), held_out, 32, lowp_act=False)  # weight-only
+    assert abs(w8 / base - 1) < 0.01, f"int8 weight-only perplexity {w8:.3f} vs float {base:.3f}"
     int2 = stepwise_perplexity(_quantized_copy(model, bits=2), held_out, 32)  # the control
     assert abs(int2 / base - 1) > 0.01, f"2-bit perplexity {int2:.3f} vs float {base:.3f}"
 

@@ -2,7 +2,7 @@
 // (T == 1) of gpt2_fast/cpu_decode.py, so Python runs once per token instead of issuing ~1,100 ops.
 //
 //   x = wte[idx] + wpe[pos]                                  pos = slot - kv_start[b] (>= 0)
-//   per layer:  h = LN1(x);  qkv = h Wqkv^T + b              (gemv.h; ATen GEMM for > 8 rows)
+//   per layer:  h = LN1(x);  qkv = h Wqkv^T + b              (gemv.h; or ATen GEMM: region_max_rows)
 //               K, V caches[b, head, slot] = k, v            slot = start + t
 //               a = softmax(q K^T / sqrt(D)) V over slots [kv_start[b], slot]   (causal)
 //               x += a Wo^T + bo;  h = LN2(x);  f = gelu_tanh(h Wfc^T + bfc);  x += f Wp^T + bp
@@ -15,7 +15,24 @@
 // and kLayerTensors per layer (order below); an empty tensor stands for "none" (no bias, no
 // scale). Design choice: one op for the whole model rather than one per layer, because per-token
 // dispatch overhead, not arithmetic, is what separates a Python step from the bandwidth floor.
+//
+// Threads. Up to region_max_rows() rows (decode; short prompts) the whole forward is ONE OpenMP parallel
+// region: a sequence of phases (work_phase.h), 4 per layer: [LN1, then per head: its q, k, v
+// columns, cache write and attention] [attn proj + residual] [LN2, fc + GELU] [mlp proj +
+// residual], then [LN_f, LM head]. A phase's chunks (a head, or ~64 KiB of a weight's output
+// rows) go to whichever thread claims them; each thread does its own LayerNorm (and activation
+// rounding) of the phase's input, so only a finished phase is waited for. A token thus costs one
+// fork/join instead of ~61 (one per parallel op), a descheduled thread holds up no phase it has
+// not started, and the logits do not depend on the thread count. A contention guard (below
+// forward_small) drops to one thread for a while when the others were mostly waited for. Longer
+// prefills run op by op with ATen's GEMM (at::parallel_for inside).
+#include <omp.h>
+
+#include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -24,6 +41,7 @@
 #include "../ops.h"
 #include "cpu_math.h"
 #include "gemv.h"
+#include "work_phase.h"
 
 namespace gpt2_fast {
 namespace cpu {
@@ -90,6 +108,18 @@ struct Shape {
   std::vector<int64_t> ks;  // kv_start per row
 };
 
+struct Linear {             // one projection: the view the GEMV reads + the tensor (GEMM path)
+  Tensor weight;
+  WeightView w;
+  const float* bias = nullptr;
+};
+
+struct LayerPlan {
+  const float *l1w, *l1b, *l2w, *l2b;
+  Linear qkv, ao, fc, mp;
+  float *kc, *vc;
+};
+
 static const float* opt_f32(const Tensor& t, int64_t n, const char* what) {
   if (t.numel() == 0) return nullptr;
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == n, what,
@@ -112,64 +142,223 @@ static void embed_rows(const Tensor& wte, const int64_t* ids, const float* wpe, 
     }
 }
 
-// write k, v of every row into the caches, then attend (rows in parallel over (b, head, t))
-static void attention(const float* qkv, float* out, float* kc, float* vc, const Shape& s) {
-  const int64_t C = s.C, D = s.D, H = s.H, T = s.T;
-  for (int64_t b = 0; b < s.B; ++b)
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t h = 0; h < H; ++h) {
-        const float* row = qkv + (b * T + t) * 3 * C;
-        const int64_t off = ((b * H + h) * s.S + s.start + t) * D;
-        std::memcpy(kc + off, row + C + h * D, sizeof(float) * D);
-        std::memcpy(vc + off, row + 2 * C + h * D, sizeof(float) * D);
-      }
+// row b, head h: write k, v of its T new positions into the caches, then attend each of them over
+// the live slots [kv_start[b], slot] (causal). p: scratch of S floats.
+static void attend_pair(const float* qkv, float* out, float* kc, float* vc, const Shape& s, int64_t b, int64_t h,
+                        float* p) {
+  const int64_t C = s.C, D = s.D, T = s.T;
+  float* K = kc + (b * s.H + h) * s.S * D;
+  float* V = vc + (b * s.H + h) * s.S * D;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = qkv + (b * T + t) * 3 * C;
+    std::memcpy(K + (s.start + t) * D, row + C + h * D, sizeof(float) * D);
+    std::memcpy(V + (s.start + t) * D, row + 2 * C + h * D, sizeof(float) * D);
+  }
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, s.B * H * T, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> p(s.start + T);
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / (H * T), h = (i / T) % H, t = i % T;
-      const float* q = qkv + (b * T + t) * 3 * C + h * D;
-      const float* K = kc + (b * H + h) * s.S * D;
-      const float* V = vc + (b * H + h) * s.S * D;
-      const int64_t j0 = std::min(s.ks[b], s.start + t), j1 = s.start + t + 1;  // live slots
-      float mx = -INFINITY;
-      for (int64_t j = j0; j < j1; ++j) {
-        p[j] = dot64(q, K + j * D, D) * scale;
-        mx = std::max(mx, p[j]);
-      }
-      float sum = 0.f;
-      exp_shift(p.data() + j0, j1 - j0, mx, &sum);
-      float* o = out + (b * T + t) * C + h * D;
-      std::memset(o, 0, sizeof(float) * D);
-      const float inv = 1.f / sum;
-      for (int64_t j = j0; j < j1; ++j) axpy(p[j] * inv, V + j * D, o, D);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* q = qkv + (b * T + t) * 3 * C + h * D;
+    const int64_t j0 = std::min(s.ks[b], s.start + t), j1 = s.start + t + 1;  // live slots
+    float mx = -INFINITY;
+    for (int64_t j = j0; j < j1; ++j) {
+      p[j] = dot64(q, K + j * D, D) * scale;
+      mx = std::max(mx, p[j]);
     }
-  });
+    float sum = 0.f;
+    exp_shift(p + j0, j1 - j0, mx, &sum);
+    float* o = out + (b * T + t) * C + h * D;
+    std::memset(o, 0, sizeof(float) * D);
+    const float inv = 1.f / sum;
+    for (int64_t j = j0; j < j1; ++j) axpy(p[j] * inv, V + j * D, o, D);
+  }
 }
 
-// y (+)= x W^T * s + b for the `w` / `s` / `b` slots of one layer
-static void layer_linear(const float* x, int64_t M, int64_t K, at::TensorList L, int w, int s, int b, float* y,
-                         bool accumulate, Isa isa, bool lowp) {
-  const Tensor& weight = L[w];
-  const WeightView v = weight_view(weight, opt(L[s]));
-  TORCH_CHECK(v.K == K, "layer weight must have ", K, " input features, got ", v.K);
-  linear(x, M, K, weight, v, opt_f32(L[b], v.N, "bias"), y, v.N, accumulate, isa, lowp);
+static Linear make_linear(at::TensorList L, int w, int sc, int b, int64_t N, int64_t K, const char* what) {
+  Linear l{L[w], weight_view(L[w], opt(L[sc])), nullptr};
+  TORCH_CHECK(l.w.N == N && l.w.K == K, what, " weight must be (", N, ", ", K, "), got (", l.w.N, ", ", l.w.K, ")");
+  l.bias = opt_f32(L[b], N, what);
+  return l;
 }
 
-static void run_layer(at::TensorList L, float* x, float* h, std::vector<float>& qkv, std::vector<float>& att,
-                      std::vector<float>& f, float* kc, float* vc, const Shape& s, float eps, Isa isa, bool lowp) {
-  const int64_t M = s.B * s.T, C = s.C;
-  const float *l1w = opt_f32(L[LN1_W], C, "ln_1.weight"), *l1b = opt_f32(L[LN1_B], C, "ln_1.bias");
-  const float *l2w = opt_f32(L[LN2_W], C, "ln_2.weight"), *l2b = opt_f32(L[LN2_B], C, "ln_2.bias");
-  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, l1w, l1b, h + m * C, C, eps);
-  layer_linear(h, M, C, L, QKV_W, QKV_S, QKV_B, qkv.data(), false, isa, lowp);
-  attention(qkv.data(), att.data(), kc, vc, s);
-  layer_linear(att.data(), M, C, L, AO_W, AO_S, AO_B, x, true, isa, lowp);
-  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, l2w, l2b, h + m * C, C, eps);
-  layer_linear(h, M, C, L, FC_W, FC_S, FC_B, f.data(), false, isa, lowp);
+static LayerPlan make_plan(at::TensorList L, const Tensor& kc, const Tensor& vc, int64_t C) {
+  LayerPlan P;
+  P.l1w = opt_f32(L[LN1_W], C, "ln_1.weight");
+  P.l1b = opt_f32(L[LN1_B], C, "ln_1.bias");
+  P.l2w = opt_f32(L[LN2_W], C, "ln_2.weight");
+  P.l2b = opt_f32(L[LN2_B], C, "ln_2.bias");
+  P.qkv = make_linear(L, QKV_W, QKV_S, QKV_B, 3 * C, C, "c_attn");
+  P.ao = make_linear(L, AO_W, AO_S, AO_B, C, C, "attn.c_proj");
   const int64_t F = L[FC_W].size(0);
-  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) { gelu_inplace(f.data() + b * F, (e - b) * F); });
-  layer_linear(f.data(), M, F, L, MP_W, MP_S, MP_B, x, true, isa, lowp);
+  P.fc = make_linear(L, FC_W, FC_S, FC_B, F, C, "c_fc");
+  P.mp = make_linear(L, MP_W, MP_S, MP_B, C, F, "mlp.c_proj");
+  P.kc = kc.data_ptr<float>();
+  P.vc = vc.data_ptr<float>();
+  return P;
+}
+
+// Up to this many rows (B * T) the forward runs in one parallel region with the GEMV kernels, whose
+// (N, K) loop keeps a group of 4 weight rows in L1 while it goes over every row of x: the weights
+// are read from memory once per call and int8 / bf16 need no float copy (int8 prefill of 32
+// tokens ~70 vs ~95 ms with a dequantized copy + GEMM, one thread, here). fp32 weights go to
+// ATen's GEMM beyond kGemvMaxRows: MKL's fp32 kernel beats ours there (~86 vs ~100 ms).
+// GPT2_FAST_CPU_REGION_ROWS overrides the limit (A/B runs).
+static int64_t region_max_rows(c10::ScalarType weight_dtype) {
+  static const int64_t env = [] {
+    const char* v = std::getenv("GPT2_FAST_CPU_REGION_ROWS");
+    return v && *v ? std::atoll(v) : int64_t{-1};
+  }();
+  if (env >= 0) return env;
+  return weight_dtype == at::kFloat ? kGemvMaxRows : 64;
+}
+
+// ---- more than region_max_rows() rows (prefill): op by op, ATen GEMM, parallel inside each op ----
+
+static void lin(const Linear& l, const float* x, int64_t M, float* y, bool accumulate, Isa isa, bool lowp) {
+  linear(x, M, l.w.K, l.weight, l.w, l.bias, y, l.w.N, accumulate, isa, lowp);
+}
+
+static void run_layer_gemm(const LayerPlan& P, float* x, float* h, float* qkv, float* att, float* f, const Shape& s,
+                           float eps, Isa isa, bool lowp) {
+  const int64_t M = s.B * s.T, C = s.C, F = P.fc.w.N;
+  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l1w, P.l1b, h + m * C, C, eps);
+  lin(P.qkv, h, M, qkv, false, isa, lowp);
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(s.S);
+    for (int64_t i = i0; i < i1; ++i) attend_pair(qkv, att, P.kc, P.vc, s, i / s.H, i % s.H, p.data());
+  });
+  lin(P.ao, att, M, x, true, isa, lowp);
+  for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l2w, P.l2b, h + m * C, C, eps);
+  lin(P.fc, h, M, f, false, isa, lowp);
+  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) { gelu_inplace(f + b * F, (e - b) * F); });
+  lin(P.mp, f, M, x, true, isa, lowp);
+}
+
+// ---- up to kGemvMaxRows rows (decode): the whole forward in one parallel region ----
+
+struct ThreadCtx {  // one thread's private scratch in the region
+  Isa isa;
+  bool lowp;
+  std::vector<float> h, xs, p;
+  std::vector<uint8_t> q8;
+  std::vector<uint16_t> q16;
+  LowpRows rows;
+  int64_t* wait_ns;  // the calling thread's time spent waiting for other threads' chunks, else null
+
+  // the GEMV y (+)= in W^T + b of projection l, with `in` rounded into this thread's scratch when
+  // the lowp path applies (every thread rounds the whole input itself: same values, no wait)
+  Gemv gemv(const Linear& l, const float* in, int64_t M, float* y, bool accumulate) {
+    Gemv g{in, M, l.w.K, l.w, l.bias, y, l.w.N, accumulate, isa, nullptr};
+    if (lowp_applies(l.w, isa, lowp)) {
+      round_rows(in, M, l.w.K, l.w.K, l.w.dtype == at::kChar, q8.data(), xs.data(), q16.data());
+      rows = LowpRows{q8.data(), xs.data(), q16.data()};
+      g.lowp = &rows;
+    }
+    return g;
+  }
+};
+
+// g's columns as a phase of chunks; prep() (this thread's input) fills g before its first chunk,
+// then(n0, n1) runs on each chunk's columns after the GEMV (the GELU of c_fc)
+template <typename Prep, typename Then>
+static void gemv_phase(WorkPhase& ph, const ThreadCtx& c, const WeightView& w, Gemv& g, Prep&& prep, Then&& then) {
+  const int64_t cols = gemv_chunk_cols(w);
+  ph.run(static_cast<int32_t>(CEIL_DIV(w.N, cols)), prep, [&](int32_t c) {
+    const int64_t n0 = c * cols, n1 = std::min(w.N, n0 + cols);
+    gemv_cols(g, n0, n1);
+    then(n0, n1);
+  }, c.wait_ns);
+}
+
+static void layer_small(const LayerPlan& P, float* x, float* qkv, float* att, float* f, const Shape& s, float eps,
+                        ThreadCtx& c, WorkPhase* ph) {
+  const int64_t M = s.B * s.T, C = s.C, H = s.H, D = s.D, F = P.fc.w.N;
+  float* h = c.h.data();
+  auto none = [](int64_t, int64_t) {};
+  Gemv g;
+  auto ln1 = [&] {
+    for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l1w, P.l1b, h + m * C, C, eps);
+    g = c.gemv(P.qkv, h, M, qkv, false);
+  };
+  if (D % gemv_unit(P.qkv.w) == 0) {  // a chunk = a head: its q, k, v columns, cache write, attention
+    ph[0].run(static_cast<int32_t>(H), ln1, [&](int32_t hh) {
+      for (int64_t sec = 0; sec < 3; ++sec) gemv_cols(g, sec * C + hh * D, sec * C + (hh + 1) * D);
+      for (int64_t b = 0; b < s.B; ++b) attend_pair(qkv, att, P.kc, P.vc, s, b, hh, c.p.data());
+    }, c.wait_ns);
+  } else {  // QKV columns, then (row, head) pairs
+    gemv_phase(ph[0], c, P.qkv.w, g, ln1, none);
+    ph[4].run(static_cast<int32_t>(s.B * H), [] {},
+              [&](int32_t i) { attend_pair(qkv, att, P.kc, P.vc, s, i / H, i % H, c.p.data()); }, c.wait_ns);
+  }
+  gemv_phase(ph[1], c, P.ao.w, g, [&] { g = c.gemv(P.ao, att, M, x, true); }, none);
+  auto ln2 = [&] {
+    for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l2w, P.l2b, h + m * C, C, eps);
+    g = c.gemv(P.fc, h, M, f, false);
+  };
+  gemv_phase(ph[2], c, P.fc.w, g, ln2, [&](int64_t n0, int64_t n1) {
+    for (int64_t m = 0; m < M; ++m) gelu_inplace(f + m * F + n0, n1 - n0);
+  });
+  gemv_phase(ph[3], c, P.mp.w, g, [&] { g = c.gemv(P.mp, f, M, x, true); }, none);
+}
+
+// Contention guard: when the calling thread spent more than a quarter of a multi-threaded forward
+// waiting for the others (their chunks, or the end of the region), another process holds their
+// cores (a busy or oversubscribed machine, or a previous program's threads still spinning): the
+// next forwards run on this thread alone, then the full count is tried again. The one-thread
+// stretch doubles (4, 8, ... 256 calls) while the contention lasts and is back to 4 after a good
+// multi-threaded call, so a passing disturbance costs a few tokens and a lasting one a probe now
+// and then. Results are the same bits either way. GPT2_FAST_CPU_DEMOTE=0 turns the guard off.
+static std::atomic<int> g_demoted{0}, g_backoff{0};
+
+static void forward_small(const std::vector<LayerPlan>& plans, const Linear& lm, const float* lnf_w,
+                          const float* lnf_b, float* x, const Shape& s, float eps, Isa isa, bool lowp, float* logits,
+                          bool all_logits) {
+  const int64_t M = s.B * s.T, C = s.C, R = all_logits ? M : s.B;
+  int64_t F = 0;
+  for (const LayerPlan& P : plans) F = std::max(F, P.fc.w.N);
+  const int64_t K = std::max(C, F);
+  std::vector<float> qkv(M * 3 * C), att(M * C), f(M * F);
+  const size_t n_phases = 5 * plans.size() + 1;
+  std::unique_ptr<WorkPhase[]> phases(new WorkPhase[n_phases]);
+  int nt = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const char* guard = std::getenv("GPT2_FAST_CPU_DEMOTE");  // "0": no contention guard (tests, A/B)
+  const bool demote = !(guard && guard[0] == '0');
+  if (nt > 1 && demote && g_demoted.load(std::memory_order_relaxed) > 0) {
+    g_demoted.fetch_sub(1, std::memory_order_relaxed);
+    nt = 1;
+  }
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  Clock::time_point main_done;
+  int64_t main_wait_ns = 0;
+#pragma omp parallel num_threads(nt)
+  {
+    const bool main = omp_get_thread_num() == 0;
+    ThreadCtx c{isa, lowp, std::vector<float>(M * C), std::vector<float>(M, 1.f), std::vector<float>(s.S),
+                std::vector<uint8_t>(lowp ? 2 * M * K : 0), std::vector<uint16_t>(lowp ? M * K : 0), LowpRows{},
+                main && nt > 1 ? &main_wait_ns : nullptr};
+    for (size_t l = 0; l < plans.size(); ++l)
+      layer_small(plans[l], x, qkv.data(), att.data(), f.data(), s, eps, c, &phases[5 * l]);
+    Gemv g;
+    auto lnf = [&] {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
+        ln_row(x + m * C, lnf_w, lnf_b, c.h.data() + r * C, C, eps);
+      }
+      g = c.gemv(lm, c.h.data(), R, logits, false);
+    };
+    gemv_phase(phases[n_phases - 1], c, lm.w, g, lnf, [](int64_t, int64_t) {});
+    if (main) main_done = Clock::now();
+  }
+  if (nt > 1) {
+    const auto end = Clock::now();
+    const int64_t idle = main_wait_ns + (end - main_done).count(), total = (end - start).count();
+    if (demote && 4 * idle > total) {
+      const int n = std::min(256, std::max(4, 2 * g_backoff.load(std::memory_order_relaxed)));
+      g_backoff.store(n, std::memory_order_relaxed);
+      g_demoted.store(n, std::memory_order_relaxed);
+    } else {
+      g_backoff.store(0, std::memory_order_relaxed);
+    }
+  }
 }
 
 static Shape check_shape(const Tensor& idx, int64_t start, const OptTensor& kv_start, const Tensor& wte,
@@ -218,35 +407,44 @@ Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_st
   Shape s = check_shape(idx, start, kv_start, wte, k_caches, n_head);
   const Isa is = resolve_isa(isa);
   const int64_t M = s.B * s.T, C = s.C;
+  const float e = static_cast<float>(eps);
   const float* wpe = opt_f32(globals[1], globals[1].numel(), "wpe");
   TORCH_CHECK(wpe && globals[1].numel() >= (start + s.T) * C, "wpe is too short for the positions");
-  std::vector<float> x(M * C), h(M * C), qkv(M * 3 * C), att(M * C), f(M * 4 * C);
-  if (wte.scalar_type() == at::kFloat) embed_rows<float>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
-  else embed_rows<c10::BFloat16>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
+  std::vector<LayerPlan> plans;
+  int64_t F = 0;
   for (int64_t l = 0; l < n_layer; ++l) {
     const Tensor &kc = k_caches[l], &vc = v_caches[l];
     for (const Tensor* c : {&kc, &vc})
       TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->sizes() == k_caches[0].sizes(),
                   "KV caches must be contiguous float32 tensors of one shape");
-    if (layers[l * kLayerTensors + FC_W].size(0) * M > static_cast<int64_t>(f.size())) f.resize(layers[l * kLayerTensors + FC_W].size(0) * M);
-    run_layer(layers.slice(l * kLayerTensors, kLayerTensors), x.data(), h.data(), qkv, att, f,
-              kc.data_ptr<float>(), vc.data_ptr<float>(), s, static_cast<float>(eps), is, lowp_act);
+    plans.push_back(make_plan(layers.slice(l * kLayerTensors, kLayerTensors), kc, vc, C));
+    F = std::max(F, plans.back().fc.w.N);
   }
-  // the final LayerNorm and the LM head on the last position of each row (or on every row)
   const float *lw = opt_f32(globals[2], C, "ln_f.weight"), *lb = opt_f32(globals[3], C, "ln_f.bias");
-  const int64_t R = all_logits ? M : s.B;
-  std::vector<float> last(R * C);
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
-    ln_row(x.data() + m * C, lw, lb, last.data() + r * C, C, static_cast<float>(eps));
-  }
   TORCH_CHECK(n_vocab > 0 && n_vocab <= globals[4].size(0), "n_vocab must be in [1, ", globals[4].size(0), "]");
-  const Tensor lm = globals[4].narrow(0, 0, n_vocab);
-  const OptTensor lm_s = globals[5].numel() ? OptTensor(globals[5].narrow(0, 0, n_vocab)) : std::nullopt;
-  const WeightView v = weight_view(lm, lm_s);
-  TORCH_CHECK(v.K == C, "lm_head must have ", C, " input features, got ", v.K);
+  Linear lm;
+  lm.weight = globals[4].narrow(0, 0, n_vocab);
+  lm.w = weight_view(lm.weight, globals[5].numel() ? OptTensor(globals[5].narrow(0, 0, n_vocab)) : std::nullopt);
+  TORCH_CHECK(lm.w.K == C, "lm_head must have ", C, " input features, got ", lm.w.K);
+  const int64_t R = all_logits ? M : s.B;
   Tensor logits = empty_out({R, n_vocab}, idx.options().dtype(at::kFloat));
-  linear(last.data(), R, C, lm, v, nullptr, logits.data_ptr<float>(), n_vocab, false, is, lowp_act);
+
+  std::vector<float> x(M * C);
+  if (wte.scalar_type() == at::kFloat) embed_rows<float>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
+  else embed_rows<c10::BFloat16>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
+  if (M <= region_max_rows(plans.empty() ? lm.w.dtype : plans[0].qkv.w.dtype)) {
+    forward_small(plans, lm, lw, lb, x.data(), s, e, is, lowp_act, logits.data_ptr<float>(), all_logits);
+  } else {
+    std::vector<float> h(M * C), qkv(M * 3 * C), att(M * C), f(M * F);
+    for (const LayerPlan& P : plans) run_layer_gemm(P, x.data(), h.data(), qkv.data(), att.data(), f.data(), s, e, is, lowp_act);
+    // the final LayerNorm and the LM head on the last position of each row (or on every row)
+    std::vector<float> last(R * C);
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
+      ln_row(x.data() + m * C, lw, lb, last.data() + r * C, C, e);
+    }
+    lin(lm, last.data(), R, logits.data_ptr<float>(), false, is, lowp_act);
+  }
   return all_logits ? logits.view({s.B, s.T, n_vocab}) : logits;
 }
 

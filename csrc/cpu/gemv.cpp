@@ -118,46 +118,47 @@ GPT2F_INLINE float hsum(v16f v) { return _mm512_reduce_add_ps((__m512)v); }
 // Low-precision activations (lowp_act): the x rows are rounded to the weight's type so that one
 // instruction does 64 (int8: AVX512-VNNI vpdpbusd) or 32 (bf16: AVX512-BF16 vdpbf16ps) multiply-adds,
 // instead of converting every weight to fp32 first (3 instructions per 16 weights). int8 (W8A8):
-// x[m] ~= xs[m] * q[m], q = round(x / xs) in [-127, 127], xs = max|x[m]| / 127, stored as q + 128
-// (vpdpbusd multiplies unsigned by signed bytes), so sum_k (q + 128) w - 128 sum_k w = sum_k q w,
-// with sum_k w from a second vpdpbusd against ones; y = that * xs[m] * scale[n] + bias[n].
+// vpdpbusd multiplies unsigned by signed bytes, so x is split by sign: x[m] ~= xs[m] (p - n) with
+// p = round(max(x, 0) / xs), n = round(max(-x, 0) / xs) in [0, 255], xs = max|x[m]| / 255, and
+// sum_k x w = xs (sum_k p w + sum_k n (-w)): two vpdpbusd per weight vector into one int32
+// accumulator, y = that * xs[m] * scale[n] + bias[n]. Design choice: vs the usual u8 = q + 128
+// with a zero-point compensation (sum_k w, a second vpdpbusd against ones: the same instruction
+// count), each sign gets all 255 levels, halving the rounding step of the activations (the
+// logits' error then stays near weight-only int8's). Needs weights in [-127, 127] (symmetric
+// quantization's range: -w must fit in int8).
 // bf16: x rounded to nearest-even bf16, fp32 accumulation. (N, K) layout only.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vnni,avx512bf16,fma")
 namespace lowp {
-struct Rows {          // the rounded x rows
-  const uint8_t* q;    // int8 mode: q + 128, (M, K)
-  const float* xs;     // int8 mode: per-row scale
-  const uint16_t* b;   // bf16 mode: bf16 bits, (M, K)
-};
+using Rows = LowpRows;  // the rounded x rows (gemv.h)
 
 template <int MR>
 GPT2F_INLINE void w8a8_group(const GemvArgs& a, const Rows& x, int64_t n0, int nr, int64_t m0) {
   const int64_t K = a.w.K, K64 = K / 64 * 64;
   const int8_t* wr[4];
   for (int i = 0; i < 4; ++i) wr[i] = static_cast<const int8_t*>(a.w.data) + (n0 + (i < nr ? i : nr - 1)) * a.w.ld;
-  __m512i acc[MR][4], wsum[4];
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int i = 0; i < 4; ++i) {
-    wsum[i] = _mm512_setzero_si512();
-    for (int r = 0; r < MR; ++r) acc[r][i] = _mm512_setzero_si512();
-  }
+  __m512i acc[MR][4];
+  const __m512i zero = _mm512_setzero_si512();
+  for (int r = 0; r < MR; ++r)
+    for (int i = 0; i < 4; ++i) acc[r][i] = zero;
   for (int64_t k = 0; k < K64; k += 64) {
-    __m512i w[4];
+    __m512i w[4], wn[4];
     for (int i = 0; i < 4; ++i) {
       __builtin_prefetch(wr[i] + k + a.pf);
       w[i] = _mm512_loadu_si512(wr[i] + k);
-      wsum[i] = _mm512_dpbusd_epi32(wsum[i], ones, w[i]);
+      wn[i] = _mm512_sub_epi8(zero, w[i]);
     }
     for (int r = 0; r < MR; ++r) {
-      const __m512i xv = _mm512_loadu_si512(x.q + (m0 + r) * K + k);
-      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbusd_epi32(acc[r][i], xv, w[i]);
+      const uint8_t* xr = x.q + (m0 + r) * 2 * K + k;
+      const __m512i xp = _mm512_loadu_si512(xr), xn = _mm512_loadu_si512(xr + K);
+      for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][i], xp, w[i]), xn, wn[i]);
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int i = 0; i < nr; ++i) {
-      int32_t s = _mm512_reduce_add_epi32(acc[r][i]) - 128 * _mm512_reduce_add_epi32(wsum[i]);
-      for (int64_t k = K64; k < K; ++k) s += (static_cast<int32_t>(x.q[(m0 + r) * K + k]) - 128) * wr[i][k];
+      int32_t s = _mm512_reduce_add_epi32(acc[r][i]);
+      const uint8_t* xr = x.q + (m0 + r) * 2 * K;
+      for (int64_t k = K64; k < K; ++k) s += (static_cast<int32_t>(xr[k]) - xr[K + k]) * wr[i][k];
       portable::store_out(a, m0 + r, n0 + i, static_cast<float>(s) * x.xs[m0 + r]);
     }
 }
@@ -278,20 +279,19 @@ static int weight_kind(c10::ScalarType t) {
   return 2;
 }
 
-#ifdef GPT2F_HAVE_X86
-// x rows rounded for lowp::range, then the rows of W in parallel
-static void gemv_lowp(const GemvArgs& a, int kind) {
-  const int64_t M = a.M, K = a.w.K;
-  std::vector<uint8_t> q(kind == 2 ? M * K : 0);
-  std::vector<float> xs(M, 1.f);
-  std::vector<uint16_t> b(kind == 1 ? M * K : 0);
+void round_rows(const float* x, int64_t M, int64_t ldx, int64_t K, bool int8, uint8_t* q, float* xs, uint16_t* b) {
   for (int64_t m = 0; m < M; ++m) {
-    const float* xr = a.x + m * a.ldx;
-    if (kind == 2) {
+    const float* xr = x + m * ldx;
+    if (int8) {  // the sign split of the lowp namespace: p then n, K bytes each, per row
       float amax = 0.f;
       for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
-      const float s = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / s;
-      for (int64_t k = 0; k < K; ++k) q[m * K + k] = static_cast<uint8_t>(static_cast<int>(std::nearbyint(xr[k] * inv)) + 128);
+      const float s = amax > 0.f ? amax / 255.f : 1.f, inv = 1.f / s;
+      uint8_t *p = q + m * 2 * K, *n = p + K;
+      for (int64_t k = 0; k < K; ++k) {
+        const float v = xr[k] * inv;
+        p[k] = static_cast<uint8_t>(std::nearbyint(v > 0.f ? v : 0.f));
+        n[k] = static_cast<uint8_t>(std::nearbyint(v < 0.f ? -v : 0.f));
+      }
       xs[m] = s;
     } else {
       for (int64_t k = 0; k < K; ++k) {
@@ -301,45 +301,82 @@ static void gemv_lowp(const GemvArgs& a, int kind) {
       }
     }
   }
-  const lowp::Rows rows{q.data(), xs.data(), b.data()};
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / (4 * std::max<int64_t>(K, 1) * (kind == 2 ? 1 : 2)));
-  at::parallel_for(0, CEIL_DIV(a.w.N, 4), grain,
-                   [&](int64_t g0, int64_t g1) { lowp::range(a, rows, kind == 2, g0, g1); });
 }
-#endif
 
-void gemv(const float* x, int64_t M, int64_t ldx, const WeightView& w, const float* bias, float* y,
-          int64_t ldy, bool accumulate, Isa isa, bool lowp_act) {
-  if (M == 0 || w.N == 0) return;
-  // GPT2_FAST_CPU_PREFETCH=0 turns the software prefetch off (an A/B switch for the benchmarks)
-  const char* pf_env = std::getenv("GPT2_FAST_CPU_PREFETCH");
-  const int64_t pf = (pf_env && pf_env[0] == '0') || w.kn ? 0 : 4 * w.ld;
-  const GemvArgs a{x, M, ldx, w, bias, y, ldy, accumulate, pf};
+bool lowp_applies(const WeightView& w, Isa isa, bool lowp_act) {
   const int kind = weight_kind(w.dtype);
+  if (!lowp_act || kind == 0 || isa != Isa::Avx512 || w.kn) return false;
+  static const bool vnni = cpu_has_lowp(true), bf16 = cpu_has_lowp(false);
+  return kind == 2 ? vnni : bf16;
+}
+
+int64_t gemv_unit(const WeightView& w) { return w.kn ? 16 : 4; }
+
+int64_t gemv_chunk_cols(const WeightView& w) {
+  const int64_t esize = w.dtype == at::kFloat ? 4 : w.dtype == at::kBFloat16 ? 2 : 1;
+  const int64_t unit = gemv_unit(w), unit_bytes = unit * std::max<int64_t>(w.K, 1) * esize;
+  return std::max<int64_t>(1, (int64_t{64} << 10) / unit_bytes) * unit;
+}
+
+static int64_t prefetch_distance(const WeightView& w) {
+  // GPT2_FAST_CPU_PREFETCH=<rows ahead> (0: off) for A/B runs of the benchmarks
+  static const int64_t rows = [] {
+    const char* v = std::getenv("GPT2_FAST_CPU_PREFETCH");
+    return v && *v ? std::atoll(v) : int64_t{4};
+  }();
+  return w.kn ? 0 : rows * w.ld;
+}
+
+void gemv_cols(const Gemv& g, int64_t n0, int64_t n1) {
+  if (g.M == 0 || n1 <= n0) return;
+  const GemvArgs a{g.x, g.M, g.ldx, g.w, g.bias, g.y, g.ldy, g.accumulate, prefetch_distance(g.w)};
+  const int kind = weight_kind(g.w.dtype);
 #ifdef GPT2F_HAVE_X86
-  if (lowp_act && kind != 0 && isa == Isa::Avx512 && !w.kn && cpu_has_lowp(kind == 2)) {
-    gemv_lowp(a, kind);
+  if (g.lowp) {
+    lowp::range(a, *g.lowp, kind == 2, n0 / 4, CEIL_DIV(n1, 4));
     return;
   }
 #endif
-  const int64_t esize = kind == 0 ? 4 : kind == 1 ? 2 : 1;
   using Entry = void (*)(const GemvArgs&, int, int64_t, int64_t);
   using Tail = void (*)(const GemvArgs&, int, int64_t);
   Entry nk = portable::nk_entry, kn = portable::kn_entry;
   Tail tail = portable::kn_tail_entry;
 #ifdef GPT2F_HAVE_X86
-  if (isa == Isa::Avx512) nk = avx512::nk_entry, kn = avx512::kn_entry, tail = avx512::kn_tail_entry;
-  if (isa == Isa::Avx2) nk = avx2::nk_entry, kn = avx2::kn_entry, tail = avx2::kn_tail_entry;
+  if (g.isa == Isa::Avx512) nk = avx512::nk_entry, kn = avx512::kn_entry, tail = avx512::kn_tail_entry;
+  if (g.isa == Isa::Avx2) nk = avx2::nk_entry, kn = avx2::kn_entry, tail = avx2::kn_tail_entry;
 #endif
-  const int64_t unit_bytes = (w.kn ? 16 : 4) * std::max<int64_t>(w.K, 1) * esize;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / unit_bytes);  // >= 128 KiB a task
-  if (!w.kn) {
-    at::parallel_for(0, CEIL_DIV(w.N, 4), grain, [&](int64_t b, int64_t e) { nk(a, kind, b, e); });
+  if (!g.w.kn) {
+    nk(a, kind, n0 / 4, CEIL_DIV(n1, 4));
     return;
   }
-  const int64_t nv = w.N / 16;
-  at::parallel_for(0, nv, grain, [&](int64_t b, int64_t e) { kn(a, kind, b, e); });
-  if (16 * nv < w.N) tail(a, kind, 16 * nv);
+  const int64_t v1 = n1 / 16;  // full 16-column vectors; the columns past the last are kn_tail's
+  kn(a, kind, n0 / 16, v1);
+  if (16 * v1 < n1) tail(a, kind, 16 * v1);
+}
+
+void gemv(const float* x, int64_t M, int64_t ldx, const WeightView& w, const float* bias, float* y,
+          int64_t ldy, bool accumulate, Isa isa, bool lowp_act) {
+  if (M == 0 || w.N == 0) return;
+  Gemv g{x, M, ldx, w, bias, y, ldy, accumulate, isa, nullptr};
+  const int kind = weight_kind(w.dtype);
+  std::vector<uint8_t> q;
+  std::vector<float> xs;
+  std::vector<uint16_t> b;
+  LowpRows rows;
+  if (lowp_applies(w, isa, lowp_act)) {
+    q.resize(kind == 2 ? 2 * M * w.K : 0);
+    xs.assign(M, 1.f);
+    b.resize(kind == 1 ? M * w.K : 0);
+    round_rows(x, M, ldx, w.K, kind == 2, q.data(), xs.data(), b.data());
+    rows = LowpRows{q.data(), xs.data(), b.data()};
+    g.lowp = &rows;
+  }
+  const int64_t esize = kind == 0 ? 4 : kind == 1 ? 2 : 1, unit = gemv_unit(w);
+  const int64_t unit_bytes = unit * std::max<int64_t>(w.K, 1) * esize;
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / unit_bytes);  // >= 128 KiB a task
+  at::parallel_for(0, CEIL_DIV(w.N, unit), grain, [&](int64_t b0, int64_t e0) {
+    gemv_cols(g, b0 * unit, std::min(w.N, e0 * unit));
+  });
 }
 
 WeightView weight_view(const Tensor& weight, const OptTensor& scale) {

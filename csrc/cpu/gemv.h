@@ -46,6 +46,39 @@ struct WeightView {
 void gemv(const float* x, int64_t M, int64_t ldx, const WeightView& w, const float* bias, float* y,
           int64_t ldy, bool accumulate, Isa isa, bool lowp_act = false);
 
+// ---- the serial core, for callers that split the output columns over their own threads ----
+// (the fused decode step: one parallel region per token, csrc/cpu/decode_step.cpp)
+
+struct LowpRows {             // x rounded by round_rows (see gemv.cpp's lowp namespace)
+  const uint8_t* q = nullptr;   // int8 mode: per row, K bytes round(max(x, 0) / xs), K of round(max(-x, 0) / xs)
+  const float* xs = nullptr;    // int8 mode: per-row scale
+  const uint16_t* b = nullptr;  // bf16 mode: bf16 bits, (M, K)
+};
+
+struct Gemv {                 // one y (+)= x W^T * s + b
+  const float* x = nullptr;
+  int64_t M = 0, ldx = 0;
+  WeightView w;
+  const float* bias = nullptr;
+  float* y = nullptr;
+  int64_t ldy = 0;
+  bool accumulate = false;
+  Isa isa = Isa::Portable;
+  const LowpRows* lowp = nullptr;  // non-null: the dot-product-instruction path (lowp_applies)
+};
+
+// Output columns come in units of gemv_unit(w) (4 rows of an (N, K) weight, 16 columns of a (K, N) one).
+int64_t gemv_unit(const WeightView& w);
+// Columns per chunk when a caller hands the columns out in chunks: whole units, ~64 KiB of weights
+// (a few us of streaming: many chunks per thread, each a sequential run), fixed by w alone.
+int64_t gemv_chunk_cols(const WeightView& w);
+// whether gemv(..., lowp_act) would round x for this weight on this CPU
+bool lowp_applies(const WeightView& w, Isa isa, bool lowp_act);
+// x (M, K) rounded for the lowp path: int8 (q: 2 * M * K bytes, per-row scale xs) or bf16 (b: M * K)
+void round_rows(const float* x, int64_t M, int64_t ldx, int64_t K, bool int8, uint8_t* q, float* xs, uint16_t* b);
+// outputs [n0, n1) of g on the calling thread (n0 and n1 multiples of gemv_unit(w), or n1 == N)
+void gemv_cols(const Gemv& g, int64_t n0, int64_t n1);
+
 constexpr int64_t kGemvMaxRows = 8;  // more rows of x (prefill) go to ATen's GEMM
 
 // The view of a (N, K) weight tensor stored (N, K) or (K, N) row-major; int8 needs scale (N,) fp32.
