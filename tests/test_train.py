@@ -5,6 +5,7 @@ import math
 import os
 import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -115,12 +116,19 @@ def test_resume_is_bit_identical(corpus, tmp_path):
 
 def test_sigint_writes_a_checkpoint_and_stops(corpus, tmp_path):
     before = signal.getsignal(signal.SIGINT)  # default_int_handler; SIG_IGN in a background job
-    timer = threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+    stop = threading.Event()
+
+    def interrupt_once_training():  # after train installed its handler, not during a slow import
+        t_end = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < t_end and signal.getsignal(signal.SIGINT) is before:
+            time.sleep(0.02)
+        if not stop.wait(0.5):
+            os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=interrupt_once_training, daemon=True).start()
     try:
         out = train(cfg(corpus, tmp_path, max_steps=100000, max_seconds=120.0))
     finally:
-        timer.cancel()
+        stop.set()
     assert out["interrupted"] == signal.SIGINT
     assert 0 < out["step"] < 100000
     assert load_checkpoint(out["checkpoint"])["step"] == out["step"]
