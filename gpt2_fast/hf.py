@@ -13,6 +13,7 @@ so AutoTokenizer loads the folder too.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Optional
@@ -150,6 +151,24 @@ def hf_to_ours(sd: dict, tied: bool = True) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _meta_without_init():
+    """torch.device("meta") for building a model whose weights are assigned next, with
+    nn.Embedding's normal_ init skipped on meta tensors: there normal_ runs a Python decomposition
+    that imports torch._dynamo (~900 modules, ~75 MiB resident for the process's life) to fill
+    values that are overwritten anyway. Real tensors (another thread's) still initialize."""
+    real = torch.nn.init.normal_
+
+    def normal_(tensor, *args, **kwargs):
+        return tensor if tensor.is_meta else real(tensor, *args, **kwargs)
+    torch.nn.init.normal_ = normal_
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        torch.nn.init.normal_ = real
+
+
 def load_pretrained(cls, path_or_name: str, dtype: Optional[torch.dtype] = None, device=None,
                     **config_overrides):
     directory = _resolve_directory(path_or_name)
@@ -162,7 +181,7 @@ def load_pretrained(cls, path_or_name: str, dtype: Optional[torch.dtype] = None,
         raise ValueError(f"{cfg_path}: {e}" if cfg_path not in str(e) else str(e)) from None
     tied = config.tie_word_embeddings
     sd = hf_to_ours(read_hf_state_dict(directory), tied=tied)
-    with torch.device("meta"):
+    with _meta_without_init():
         model = cls(config)
     expected = {k: v.shape for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     if not tied and "lm_head.weight" not in sd:
