@@ -132,11 +132,17 @@ GPT2F_INLINE float hsum(v16f v) { return _mm512_reduce_add_ps((__m512)v); }
 namespace lowp {
 using Rows = LowpRows;  // the rounded x rows (gemv.h)
 
+// The 4 weight rows of the group starting at output n0 (nr < 4 at the tail: the last one repeats).
+template <typename T>
+GPT2F_INLINE void group_rows(const GemvArgs& a, int64_t n0, int nr, const T* (&wr)[4]) {
+  for (int i = 0; i < 4; ++i) wr[i] = static_cast<const T*>(a.w.data) + (n0 + (i < nr ? i : nr - 1)) * a.w.ld;
+}
+
 template <int MR>
 GPT2F_INLINE void w8a8_group(const GemvArgs& a, const Rows& x, int64_t n0, int nr, int64_t m0) {
   const int64_t K = a.w.K, K64 = K / 64 * 64;
   const int8_t* wr[4];
-  for (int i = 0; i < 4; ++i) wr[i] = static_cast<const int8_t*>(a.w.data) + (n0 + (i < nr ? i : nr - 1)) * a.w.ld;
+  group_rows(a, n0, nr, wr);
   __m512i acc[MR][4];
   const __m512i zero = _mm512_setzero_si512();
   for (int r = 0; r < MR; ++r)
@@ -167,14 +173,14 @@ template <int MR>
 GPT2F_INLINE void bf16_group(const GemvArgs& a, const Rows& x, int64_t n0, int nr, int64_t m0) {
   const int64_t K = a.w.K, K32 = K / 32 * 32;
   const uint16_t* wr[4];
-  for (int i = 0; i < 4; ++i) wr[i] = static_cast<const uint16_t*>(a.w.data) + (n0 + (i < nr ? i : nr - 1)) * a.w.ld;
+  group_rows(a, n0, nr, wr);
   __m512 acc[MR][4];
   for (int r = 0; r < MR; ++r)
     for (int i = 0; i < 4; ++i) acc[r][i] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K32; k += 32) {
     __m512bh w[4];
     for (int i = 0; i < 4; ++i) {
-      if (k % 32 == 0) __builtin_prefetch(wr[i] + k + a.pf);
+      __builtin_prefetch(wr[i] + k + a.pf);
       w[i] = (__m512bh)_mm512_loadu_si512(wr[i] + k);
     }
     for (int r = 0; r < MR; ++r) {

@@ -131,17 +131,19 @@ at::Tensor weight_block(const Problem& p, int64_t v0, int64_t n, at::Tensor& buf
   return buf.narrow(0, 0, n).copy_(blk);
 }
 
-// Per-thread scratch: the logits / g tile (R, vb), the converted weight block (vb, C) and the
-// two gradient GEMM outputs (vb, C) and (R, C), all in the compute dtype.
+// Per-thread scratch: the logits / g tile (R, vb), the converted weight block (vb, C) and, for
+// pass 2 (grads), the two gradient GEMM outputs (vb, C) and (R, C), all in the compute dtype.
 struct Scratch {
   at::Tensor z, wblk, dwb, dhb;
-  Scratch(const Problem& p, int64_t R) {
+  Scratch(const Problem& p, int64_t R, bool grads) {
     const auto o = p.h.options();
     const int64_t C = p.h.size(1);
     z = at::empty({R * p.vb}, o);
     wblk = at::empty({p.vb, C}, o);
-    dwb = at::empty({p.vb, C}, o);
-    dhb = at::empty({R, C}, o);
+    if (grads) {
+      dwb = at::empty({p.vb, C}, o);
+      dhb = at::empty({R, C}, o);
+    }
   }
   at::Tensor logits(const at::Tensor& hc, const at::Tensor& wb) {  // (R, n) = hc wb^T
     at::Tensor out = z.narrow(0, 0, hc.size(0) * wb.size(0)).view({hc.size(0), wb.size(0)});
@@ -161,7 +163,7 @@ void row_stats(const Problem& p, int64_t r0, int64_t R, float* lse, float* zt) {
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // scratch only: no autograd here
-    Scratch sc(p, R);
+    Scratch sc(p, R, false);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * p.vb, n = std::min(p.vb, p.V - v0);
       const at::Tensor z = sc.logits(hc, weight_block(p, v0, n, sc.wblk));  // (R, n), contiguous
@@ -195,7 +197,7 @@ void row_grads(const Problem& p, int64_t r0, int64_t R, const float* lse, const 
   at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
     const int tid = at::get_thread_num();
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // scratch only: no autograd here
-    Scratch sc(p, R);
+    Scratch sc(p, R, true);
     at::Tensor acc = dh_t.select(0, tid);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t v0 = b * p.vb, n = std::min(p.vb, p.V - v0);
