@@ -36,7 +36,7 @@ struct GemvArgs {
   float* y;
   int64_t ldy;
   bool accumulate;
-  int64_t pf;  // software prefetch distance in weights ((N, K) layout: the next group of 4 rows)
+  int64_t pf;  // software prefetch distance in weights ((N, K) layout: prefetch_distance)
 };
 
 typedef float v16f __attribute__((vector_size(64)));
@@ -196,6 +196,43 @@ GPT2F_INLINE void bf16_group(const GemvArgs& a, const Rows& x, int64_t n0, int n
     }
 }
 
+// round_rows' two loops with AVX-512, the same values (cvtps rounds to nearest even as nearbyint
+// does in the default rounding mode; the max and the bf16 rounding are exact integer / max ops).
+// The scalar loops (a libm call per element) cost ~8% of an int8 decode step and most of a W8A8
+// prefill's rounding.
+void round_rows_int8(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t* q, float* xs) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * ldx;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 in = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(in, xr + k)));
+    }
+    const float amax = _mm512_reduce_max_ps(mx);
+    const float s = amax > 0.f ? amax / 255.f : 1.f, inv = 1.f / s;
+    const __m512 vinv = _mm512_set1_ps(inv), zero = _mm512_setzero_ps();
+    uint8_t *p = q + m * 2 * K, *n = p + K;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 in = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, xr + k), vinv);
+      _mm512_mask_cvtusepi32_storeu_epi8(p + k, in, _mm512_cvtps_epi32(_mm512_max_ps(v, zero)));
+      _mm512_mask_cvtusepi32_storeu_epi8(n + k, in, _mm512_cvtps_epi32(_mm512_max_ps(_mm512_sub_ps(zero, v), zero)));
+    }
+    xs[m] = s;
+  }
+}
+
+void round_rows_bf16(const float* x, int64_t M, int64_t ldx, int64_t K, uint16_t* b) {
+  const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 in = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      const __m512i u = _mm512_maskz_loadu_epi32(in, x + m * ldx + k);
+      const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+      _mm512_mask_cvtepi32_storeu_epi16(b + m * K + k, in, _mm512_srli_epi32(r, 16));
+    }
+}
+
 __attribute__((noinline)) void range(const GemvArgs& a, const Rows& x, bool int8, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t n0 = 4 * g;
@@ -286,6 +323,11 @@ static int weight_kind(c10::ScalarType t) {
 }
 
 void round_rows(const float* x, int64_t M, int64_t ldx, int64_t K, bool int8, uint8_t* q, float* xs, uint16_t* b) {
+#ifdef GPT2F_HAVE_X86
+  static const bool vnni = cpu_has_lowp(true), bf16 = cpu_has_lowp(false);
+  if (int8 && vnni) return lowp::round_rows_int8(x, M, ldx, K, q, xs);
+  if (!int8 && bf16) return lowp::round_rows_bf16(x, M, ldx, K, b);
+#endif
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     if (int8) {  // the sign split of the lowp namespace: p then n, K bytes each, per row
@@ -324,13 +366,20 @@ int64_t gemv_chunk_cols(const WeightView& w) {
   return std::max<int64_t>(1, (int64_t{64} << 10) / unit_bytes) * unit;
 }
 
+// Software prefetch distance, in weights, of the (N, K) kernels: the same line of the rows ~8 KiB
+// ahead (whole groups of 4 rows, at least the next group). A fixed count of rows ahead was
+// too short for int8 (4 rows of K = 768: 3 KiB): an int8 step at 8 KiB ran 8.1 vs 10.5 ms/token,
+// fp32 and bf16 within noise of it (one thread, engines interleaved in one process; T0 and T1
+// hints were not told apart). GPT2_FAST_CPU_PREFETCH=<bytes ahead> (0: off) for A/B runs.
 static int64_t prefetch_distance(const WeightView& w) {
-  // GPT2_FAST_CPU_PREFETCH=<rows ahead> (0: off) for A/B runs of the benchmarks
-  static const int64_t rows = [] {
+  static const int64_t bytes = [] {
     const char* v = std::getenv("GPT2_FAST_CPU_PREFETCH");
-    return v && *v ? std::atoll(v) : int64_t{4};
+    return v && *v ? std::atoll(v) : int64_t{8192};
   }();
-  return w.kn ? 0 : rows * w.ld;
+  if (w.kn || bytes <= 0) return 0;
+  const int64_t esize = w.dtype == at::kFloat ? 4 : w.dtype == at::kBFloat16 ? 2 : 1;
+  const int64_t rows = std::max<int64_t>(4, CEIL_DIV(CEIL_DIV(bytes, w.ld * esize), 4) * 4);
+  return rows * w.ld;
 }
 
 void gemv_cols(const Gemv& g, int64_t n0, int64_t n1) {
