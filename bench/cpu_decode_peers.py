@@ -300,7 +300,8 @@ def summarize(runs: dict, ref_tokens) -> dict:
         toks = rs[-1]["tokens"]
         out[e] = dict(ms_per_token=median([r["ms_per_token"] for r in rs]),
                       ms_per_token_all=[round(r["ms_per_token"], 2) for r in rs],
-                      ttft_ms=median([r["ttft_ms"] for r in rs]), rss_mb=rs[-1]["rss_mb"],
+                      ttft_ms=median([r["ttft_ms"] for r in rs]),
+                      ttft_ms_all=[round(r["ttft_ms"], 2) for r in rs], rss_mb=rs[-1]["rss_mb"],
                       rss_above_imports_mb=rs[-1]["rss_mb"] - rs[-1]["base_rss_mb"],
                       anon_above_imports_mb=rs[-1]["anon_mb"] - rs[-1]["base_anon_mb"],
                       agree=sum(a == b for a, b in zip(toks, ref_tokens)) if ref_tokens else None,
@@ -362,16 +363,42 @@ def drive(args, engines, threads) -> int:
             runs = measure(engines, t, args, work, model_dir, prompt, cfg)
             ref = runs.get("ours_fp32", [{}])[-1].get("tokens")
             results[str(t)] = summarize(runs, ref)
+    pairs = paired(results)
     bw = copy_bandwidth_gbs()
     load_after = open("/proc/loadavg").read().split()[:3]
-    report(results, threads, bw, wbytes, skipped, load_before, load_after, args)
+    report(results, pairs, threads, bw, wbytes, skipped, load_before, load_after, args)
     write_json(args.out, dict(stamp=stamp(torch.device("cpu")), machine=machine(), config=args.config,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
                               load_before=load_before, load_after=load_after, copy_bandwidth_gbs=bw,
                               floor_bytes=wbytes, floor_ms={k: v / bw / 1e6 for k, v in wbytes.items()},
-                              skipped=skipped, results=results, command=" ".join(sys.argv)))
+                              skipped=skipped, results=results, paired=pairs, command=" ".join(sys.argv)))
     print(f"wrote {args.out}")
     return 0
+
+
+# the issue's goals as pairs (a, b, goal on a's time / b's time, which time)
+PAIRS = (("ours_fp32", "ort_fp32", 1.0, "ms_per_token"), ("ours_fp32", "ort_fp32", 1.0, "ttft_ms"),
+         ("ours_w8a8", "ct2_int8", 1.0, "ms_per_token"), ("ours_int8", "ct2_int8", 1.0, "ms_per_token"),
+         ("ours_bf16", "ours_fp32", 0.6, "ms_per_token"))
+
+
+def paired(results: dict) -> dict:
+    """Per goal pair and thread count: the median over reps of a's ms/token / b's in the same rep
+    (a rep runs every engine back to back, so this ratio sees the same machine state on both
+    sides; the ratio of medians mixes reps), and in how many reps a met the goal. Also the
+    2-thread scaling of every engine (1-thread median / 2-thread median)."""
+    out = {}
+    for t, res in results.items():
+        for a, b, goal, field in PAIRS:
+            if a in res and b in res:
+                r = [x / y for x, y in zip(res[a][field + "_all"], res[b][field + "_all"])]
+                name = f"{a}/{b}@{t}" + (" TTFT" if field == "ttft_ms" else "")
+                out[name] = dict(median=median(r), met=sum(x <= goal for x in r), reps=len(r), goal=goal)
+    if "1" in results and "2" in results:
+        for e in results["1"]:
+            if e in results["2"]:
+                out[f"scaling {e}"] = results["1"][e]["ms_per_token"] / results["2"][e]["ms_per_token"]
+    return out
 
 
 def floor_bytes(model, kind: str) -> int:
@@ -411,7 +438,7 @@ def machine() -> dict:
     return info
 
 
-def report(results, threads, bw, wbytes, skipped, load_before, load_after, args) -> None:
+def report(results, pairs, threads, bw, wbytes, skipped, load_before, load_after, args) -> None:
     print(f"{args.config}, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
           f"median of {args.reps} interleaved reps; load {load_before} -> {load_after}")
     for t in threads:
@@ -424,6 +451,11 @@ def report(results, threads, bw, wbytes, skipped, load_before, load_after, args)
             agree = f"{r['agree']}/{r['n_tokens']}" if r["agree"] is not None else "-"
             print(f"{e:<10} {r['ms_per_token']:9.2f} {ratio:>13} {r['ttft_ms']:8.1f} {r['rss_mb']:7.0f} "
                   f"{r['rss_above_imports_mb']:8.0f} {r['anon_above_imports_mb']:7.0f} {agree:>8}")
+    if pairs:
+        print("\npaired (median over reps of the ratio within a rep; goal met in k of n reps) and 2-thread scaling:")
+        for k, v in pairs.items():
+            print(f"  {k:<33} " + (f"{v['median']:.3f}  (goal <= {v['goal']}: {v['met']}/{v['reps']})"
+                                     if isinstance(v, dict) else f"{v:.2f}x"))
     print(f"\nfloor (bytes a step reads / {bw:.1f} GB/s copy bandwidth): "
           + ", ".join(f"{k} {v / 1e6:.0f} MB = {v / bw / 1e6:.1f} ms" for k, v in wbytes.items()))
     for e, why in skipped.items():

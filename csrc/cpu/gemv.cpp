@@ -481,15 +481,21 @@ void linear(const float* x, int64_t M, int64_t ldx, const Tensor& weight, const 
   // 128-131 GFLOP/s), the prefill's whole GEMM time. (K, N) storage keeps x W^T.
   const bool nk = !w.kn;
   Tensor out = nk ? at::mm(wf, xt.t()) : at::mm(xt, wf.t());  // (N, M) or (M, N), contiguous
+  // epilogue over blocks of 64 output columns: an (N, M) result is read through in L1-sized
+  // pieces (by row of y it was a stride-M read per element: ~3% of a 32-token prefill)
   const float* o = out.data_ptr<float>();
   const int64_t step_m = nk ? 1 : w.N, step_n = nk ? M : 1;
-  at::parallel_for(0, M, 1, [&](int64_t b, int64_t e) {
-    for (int64_t m = b; m < e; ++m) {
-      float* yr = y + m * ldy;
-      const float* orow = o + m * step_m;
-      for (int64_t n = 0; n < w.N; ++n) {
-        float v = orow[n * step_n] * (w.scale ? w.scale[n] : 1.f) + (bias ? bias[n] : 0.f);
-        yr[n] = accumulate ? yr[n] + v : v;
+  constexpr int64_t kCols = 64;
+  at::parallel_for(0, CEIL_DIV(w.N, kCols), 1, [&](int64_t b, int64_t e) {
+    for (int64_t n0 = b * kCols; n0 < std::min(w.N, e * kCols); n0 += kCols) {
+      const int64_t n1 = std::min(w.N, n0 + kCols);
+      for (int64_t m = 0; m < M; ++m) {
+        float* yr = y + m * ldy;
+        const float* orow = o + m * step_m;
+        for (int64_t n = n0; n < n1; ++n) {
+          const float v = orow[n * step_n] * (w.scale ? w.scale[n] : 1.f) + (bias ? bias[n] : 0.f);
+          yr[n] = accumulate ? yr[n] + v : v;
+        }
       }
     }
   });
