@@ -167,3 +167,24 @@ def test_decode_step_is_bitwise_independent_of_threads(model, kind, monkeypatch)
         torch.set_num_threads(old)
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
+
+
+def test_engine_reuses_its_cpu_decoder_until_the_weights_change():
+    """The packed tensor lists are reused across generate calls (the cache's own tensors do not
+    count as a change) and rebuilt when a weight is replaced; the new weights are then the ones used."""
+    m = make_model(5)
+    eng = Engine(m)
+    first = tokens(eng, PROMPTS[:1], 6)
+    dec = eng._cpu
+    assert dec is not None and dec.fresh()
+    assert tokens(eng, PROMPTS[:1], 6) == first and eng._cpu is dec
+    other = make_model(6)
+    with torch.no_grad():
+        m.lm_head.weight = other.lm_head.weight          # tied: wte and the head change together
+        m.transformer.wte.weight = m.lm_head.weight
+    assert not dec.fresh()
+    got = tokens(eng, PROMPTS[:1], 6)
+    assert eng._cpu is not dec
+    with torch.no_grad():
+        ref = copy.deepcopy(m)
+    assert got == tokens(Engine(ref), PROMPTS[:1], 6) and got != first
