@@ -32,6 +32,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+PEERS_PY = os.path.join(ROOT, "gpt2_fast", "benchmarks", "cpu_peers.py")  # the peers' exports and runners
 ENGINES = ("ours_fp32", "ours_bf16", "ours_int8", "ours_w8a8", "ours_bf16a", "ort_fp32", "ort_int8", "ct2_fp32",
            "ct2_int8")
 
@@ -52,7 +53,7 @@ def rss_mb(field: str = "VmRSS") -> float:
 
 def load_ours(model_dir: str, kind: str, threads: int):
     """kind: fp32, bf16, int8 (weight-only: fp32 activations), w8a8 / bf16a (int8 / bf16 activations
-    too: GPT2_FAST_CPU_LOWP_ACT=1; w8a8 is what an int8 model runs by default on a VNNI CPU)."""
+    too: GPT2_FAST_CPU_LOWP_ACT=1; what an int8 / bf16 model runs by default on a VNNI / AVX512-BF16 CPU)."""
     import torch
     os.environ["GPT2_FAST_CPU_LOWP_ACT"] = "1" if kind in ("w8a8", "bf16a") else "0"
     from gpt2_fast import GPT
@@ -75,51 +76,22 @@ def load_ours(model_dir: str, kind: str, threads: int):
     return run
 
 
-def load_ort(onnx_path: str, threads: int, cfg: dict):
-    import numpy as np
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
-    L, H, D = cfg["n_layer"], cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
-
-    def run(prompt, n):
-        past_k = past_v = np.zeros((L, 1, H, 0, D), dtype=np.float32)
-        ids = np.array([prompt], dtype=np.int64)
-        toks = []
-        t0 = time.perf_counter()
-        for i in range(n):
-            logits, past_k, past_v = sess.run(None, {"input_ids": ids, "past_k": past_k, "past_v": past_v})
-            tok = int(logits[0].argmax())
-            toks.append(tok)
-            ids = np.array([[tok]], dtype=np.int64)
-            if i == 0:
-                t1 = time.perf_counter()
-        return toks, t1 - t0, time.perf_counter() - t1
-    return run
+def peers_module():
+    """gpt2_fast/benchmarks/cpu_peers.py loaded by path: importing it through the package would
+    import torch (gpt2_fast/__init__) into a peer's worker, beside the peer's own runtime."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gpt2_fast_cpu_peers", PEERS_PY)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
-def load_ct2(ct2_dir: str, threads: int):
-    import ctranslate2
-    gen = ctranslate2.Generator(ct2_dir, device="cpu", intra_threads=threads, inter_threads=1)
-    vocab = None
-    with open(os.path.join(ct2_dir, "vocabulary.json")) as f:
-        vocab = json.load(f)
-
-    def run(prompt, n):
-        toks = []
-        t0 = time.perf_counter()
-        for i, step in enumerate(gen.generate_tokens([vocab[t] for t in prompt], max_length=n, sampling_topk=1,
-                                                     end_token=[])):
-            toks.append(step.token_id)
-            if i == 0:
-                t1 = time.perf_counter()
-            if len(toks) == n:
-                break
-        return toks, t1 - t0, time.perf_counter() - t1
-    return run
+def load_peer(run):
+    """A cpu_peers runner as (tokens, ttft_s, decode_s)."""
+    def timed(prompt, n):
+        toks, marks = run(prompt, n)
+        return toks, marks[1] - marks[0], marks[-1] - marks[1]
+    return timed
 
 
 def worker(args) -> int:
@@ -132,10 +104,11 @@ def worker(args) -> int:
         run = load_ours(args.model_dir, kind, threads)
     elif eng == "ort":
         base_rss = _after_import("onnxruntime", "numpy")
-        run = load_ort(os.path.join(args.work, f"gpt2-{kind}.onnx"), threads, json.loads(args.cfg))
+        run = load_peer(peers_module().ort_runner(os.path.join(args.work, f"gpt2-{kind}.onnx"), threads,
+                                                  **json.loads(args.cfg)))
     else:
         base_rss = _after_import("ctranslate2")
-        run = load_ct2(os.path.join(args.work, f"ct2-{kind}"), threads)
+        run = load_peer(peers_module().ct2_runner(os.path.join(args.work, f"ct2-{kind}"), threads))
     prompt = json.loads(args.prompt)
     run(prompt, 4)  # warm-up
     print(json.dumps({"ready": True}), flush=True)
@@ -165,72 +138,15 @@ base_anon = float("nan")  # RssAnon after the imports (set by _after_import)
 # preparing the peers' model files from the save_pretrained folder
 # ---------------------------------------------------------------------------------------------
 
-def export_onnx(model_dir: str, path: str) -> None:
-    """A GPT-2 decoder with past key values: (input_ids (1, T), past_k, past_v (L, 1, H, P, D)) ->
-    (last-position logits (1, V), present_k, present_v (L, 1, H, P + T, D)), from the HF weights."""
-    import torch
-    import torch.nn.functional as F
-    from gpt2_fast.hf import read_hf_state_dict
-    sd = {k.removeprefix("transformer."): v.float() for k, v in read_hf_state_dict(model_dir).items()}
-    cfg = json.load(open(os.path.join(model_dir, "config.json")))
-    L, H, C = cfg["n_layer"], cfg["n_head"], cfg["n_embd"]
-    eps = cfg.get("layer_norm_epsilon", 1e-5)
-
-    class KVDecoder(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.p = torch.nn.ParameterDict({k.replace(".", "__"): torch.nn.Parameter(v, requires_grad=False)
-                                             for k, v in sd.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))})
-
-        def w(self, name):
-            return self.p[name.replace(".", "__")]
-
-        def forward(self, input_ids, past_k, past_v):
-            T, P = input_ids.shape[1], past_k.shape[3]
-            pos = torch.arange(T) + P
-            x = self.w("wte.weight")[input_ids] + self.w("wpe.weight")[pos][None]
-            keep = torch.arange(P + T)[None, :] <= pos[:, None]                  # (T, P + T) causal
-            ks, vs = [], []
-            for i in range(L):
-                pre = f"h.{i}."
-                h = F.layer_norm(x, (C,), self.w(pre + "ln_1.weight"), self.w(pre + "ln_1.bias"), eps)
-                qkv = h @ self.w(pre + "attn.c_attn.weight") + self.w(pre + "attn.c_attn.bias")  # Conv1D
-                q, k, v = (t.view(1, T, H, C // H).transpose(1, 2) for t in qkv.split(C, dim=2))
-                k = torch.cat([past_k[i], k], dim=2)
-                v = torch.cat([past_v[i], v], dim=2)
-                ks.append(k)
-                vs.append(v)
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
-                a = a.transpose(1, 2).reshape(1, T, C)
-                x = x + a @ self.w(pre + "attn.c_proj.weight") + self.w(pre + "attn.c_proj.bias")
-                h = F.layer_norm(x, (C,), self.w(pre + "ln_2.weight"), self.w(pre + "ln_2.bias"), eps)
-                h = F.gelu(h @ self.w(pre + "mlp.c_fc.weight") + self.w(pre + "mlp.c_fc.bias"), approximate="tanh")
-                x = x + h @ self.w(pre + "mlp.c_proj.weight") + self.w(pre + "mlp.c_proj.bias")
-            x = F.layer_norm(x[:, -1], (C,), self.w("ln_f.weight"), self.w("ln_f.bias"), eps)
-            return x @ self.w("wte.weight").t(), torch.stack(ks), torch.stack(vs)
-
-    m = KVDecoder().eval()
-    D = C // H
-    ex = (torch.zeros(1, 3, dtype=torch.long), torch.zeros(L, 1, H, 2, D), torch.zeros(L, 1, H, 2, D))
-    axes = {"input_ids": {1: "T"}, "past_k": {3: "P"}, "past_v": {3: "P"}, "present_k": {3: "PT"},
-            "present_v": {3: "PT"}}
-    with torch.no_grad():
-        torch.onnx.export(m, ex, path, input_names=["input_ids", "past_k", "past_v"],
-                          output_names=["logits", "present_k", "present_v"], dynamic_axes=axes,
-                          opset_version=17, dynamo=False)
-
-
 def prepare_peers(engines, model_dir: str, work: str) -> dict:
     """Build the peers' files; returns {engine: reason} for those that cannot run here."""
+    from gpt2_fast.benchmarks import cpu_peers
     skipped = {}
     if any(e.startswith("ort") for e in engines):
         try:
-            import onnxruntime  # noqa: F401
-            export_onnx(model_dir, os.path.join(work, "gpt2-fp32.onnx"))
+            cpu_peers.export_onnx(model_dir, os.path.join(work, "gpt2-fp32.onnx"))
             if "ort_int8" in engines:
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-                quantize_dynamic(os.path.join(work, "gpt2-fp32.onnx"), os.path.join(work, "gpt2-int8.onnx"),
-                                 weight_type=QuantType.QInt8)
+                cpu_peers.quantize_onnx(os.path.join(work, "gpt2-fp32.onnx"), os.path.join(work, "gpt2-int8.onnx"))
         except Exception as e:  # not installed, or the export failed: report, keep going
             for k in ("ort_fp32", "ort_int8"):
                 skipped[k] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -238,8 +154,7 @@ def prepare_peers(engines, model_dir: str, work: str) -> dict:
         if f"ct2_{kind}" not in engines:
             continue
         try:
-            from ctranslate2.converters import TransformersConverter
-            TransformersConverter(model_dir).convert(os.path.join(work, f"ct2-{kind}"), quantization=q, force=True)
+            cpu_peers.convert_ct2(model_dir, os.path.join(work, f"ct2-{kind}"), q)
         except Exception as e:
             skipped[f"ct2_{kind}"] = f"{type(e).__name__}: {str(e)[:300]}"
     return skipped
@@ -379,7 +294,7 @@ def drive(args, engines, threads) -> int:
 # the issue's goals as pairs (a, b, goal on a's time / b's time, which time)
 PAIRS = (("ours_fp32", "ort_fp32", 1.0, "ms_per_token"), ("ours_fp32", "ort_fp32", 1.0, "ttft_ms"),
          ("ours_w8a8", "ct2_int8", 1.0, "ms_per_token"), ("ours_int8", "ct2_int8", 1.0, "ms_per_token"),
-         ("ours_bf16", "ours_fp32", 0.6, "ms_per_token"))
+         ("ours_bf16a", "ours_fp32", 0.6, "ms_per_token"), ("ours_bf16", "ours_fp32", 0.6, "ms_per_token"))
 
 
 def paired(results: dict) -> dict:

@@ -98,8 +98,16 @@ def test_decode_quick(results):
     assert "random weights" in data["weights"]
     cfg = data["config"]
     rows = {r["peer"]: r for r in data["rows"]}
-    assert set(rows) == {"ours", "hf", "eager-static"}  # quick CPU mode does not compile: labelled eager
+    # quick CPU mode does not compile: labelled eager; ONNX Runtime and CTranslate2 run when installed
+    assert set(rows) == {"ours", "hf", "eager-static", "ort", "ct2"}
     assert "torch.compile skipped" in rows["eager-static"]["detail"]
+    for peer, module in (("ort", "onnxruntime"), ("ct2", "ctranslate2")):
+        r = rows.pop(peer)
+        if r["status"] == "skipped":  # only for want of the package
+            assert module in r["reason"] and ".[peers]" in r["reason"], r
+        else:
+            assert r["same_tokens"] is not None and r["export_s"] > 0 and "thread(s)" in r["detail"], r
+            rows[peer] = r
     for peer, r in rows.items():
         assert r["status"] == "ok", r
         assert r["decode_steps"] == data["new_tokens"] - 1  # the first token's time is the TTFT

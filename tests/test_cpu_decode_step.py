@@ -127,7 +127,12 @@ def test_lowp_activations_stay_close_to_weight_only(model, kind, monkeypatch):
     CpuDecoder(m, lowp_act=True).forward(idx[:, :8], 0)
     lowp = CpuDecoder(m, lowp_act=True).forward(idx[:, 8:], 8)
     assert (lowp - exact).abs().max() <= 0.05 * exact.abs().max()
-    assert CpuDecoder(m).lowp_act is (kind == "int8")  # the default: W8A8 for int8 models only
+    assert CpuDecoder(m).lowp_act is True  # the default: W8A8 / bf16 activations
+    monkeypatch.setenv("GPT2_FAST_CPU_LOWP_ACT", "0")
+    assert CpuDecoder(m).lowp_act is False
+    monkeypatch.setenv("GPT2_FAST_CPU_LOWP_ACT", "yes")
+    with pytest.raises(ValueError, match="GPT2_FAST_CPU_LOWP_ACT must be 0 or 1"):
+        CpuDecoder(m)
 
 
 def test_pack_for_cpu_inference_keeps_values_ties_and_tokens(model):

@@ -261,8 +261,10 @@ def test_cpu_step_perplexity_of_int8_and_bf16_within_1_percent(trained_on_kjv):
     base = perplexity(model, held_out, 32)
     f32 = stepwise_perplexity(_float_copy(model), held_out, 32)
     assert abs(f32 / base - 1) < 1e-4, f"fused fp32 perplexity {f32:.4f} vs the model's {base:.4f}"
-    bf16 = stepwise_perplexity(_float_copy(model).to(torch.bfloat16), held_out, 32)
+    bf16 = stepwise_perplexity(_float_copy(model).to(torch.bfloat16), held_out, 32)  # bf16 activations
     assert abs(bf16 / base - 1) < 0.01, f"bf16 perplexity {bf16:.3f} vs float {base:.3f}"
+    bw = stepwise_perplexity(_float_copy(model).to(torch.bfloat16), held_out, 32, lowp_act=False)
+    assert abs(bw / base - 1) < 0.01, f"bf16 weight-only perplexity {bw:.3f} vs float {base:.3f}"
     int8 = stepwise_perplexity(_quantized_copy(model, bits=8), held_out, 32)
     assert abs(int8 / base - 1) < 0.01, f"int8 perplexity {int8:.3f} vs float {base:.3f}"
     w8 = stepwise_perplexity(_quantized_copy(model, bits=8), held_out, 32, lowp_act=False)  # weight-only

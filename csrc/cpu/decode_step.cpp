@@ -20,8 +20,9 @@
 // region: a sequence of phases (work_phase.h), 4 per layer: [LN1, then per head: its q, k, v
 // columns, cache write and attention] [attn proj + residual] [LN2, fc + GELU] [mlp proj +
 // residual], then [LN_f, LM head]. A phase's chunks (a head, or ~64 KiB of a weight's output
-// rows) go to whichever thread claims them; each thread does its own LayerNorm (and activation
-// rounding) of the phase's input, so only a finished phase is waited for. A token thus costs one
+// rows) go to whichever thread claims them, each thread first from its own contiguous slice;
+// each thread does its own LayerNorm (and activation rounding) of the phase's input, so only a
+// finished phase is waited for. A token thus costs one
 // fork/join instead of ~61 (one per parallel op), a descheduled thread holds up no phase it has
 // not started, and the logits do not depend on the thread count. A contention guard (below
 // forward_small) drops to one thread for a while when the others were mostly waited for. Longer

@@ -22,7 +22,8 @@
 // (same order, from where their counters stand). A weight is thus streamed by each thread as one
 // long sequential run, as with a static split: one shared counter handed out chunks alternately,
 // so every ~64 KiB the hardware prefetchers of both cores had to find a new stream (2 threads
-// read 25 GB/s that way vs 30 with contiguous halves, 4-row fp32 GEMV over 495 MB here).#pragma once
+// read 25 GB/s that way vs 30 with contiguous halves, 4-row fp32 GEMV over 495 MB here).
+#pragma once
 
 #include <algorithm>
 #include <atomic>
@@ -69,7 +70,8 @@ struct WorkPhase {
     bool ready = false;
     for (int i = 0; i < ns; ++i) {
       const int sl = (who.home + i) % ns;
-      const int32_t b = static_cast<int32_t>(int64_t{total} * sl / ns), e = static_cast<int32_t>(int64_t{total} * (sl + 1) / ns);
+      const int32_t b = static_cast<int32_t>(int64_t{total} * sl / ns);
+      const int32_t e = static_cast<int32_t>(int64_t{total} * (sl + 1) / ns);
       for (int32_t c; (c = b + next[sl].v.fetch_add(1, std::memory_order_relaxed)) < e;) {
         if (!ready) {
           prep();

@@ -226,7 +226,7 @@ def matmul_ceiling(ceilings: dict, dtype: torch.dtype) -> Optional[float]:
 # the stamp
 # ---------------------------------------------------------------------------------------------
 
-def _version(module: str) -> Optional[str]:
+def module_version(module: str) -> Optional[str]:
     try:
         return getattr(importlib.import_module(module), "__version__", "installed")
     except Exception:
@@ -261,10 +261,10 @@ def stamp(device: torch.device, quick: bool = True) -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": _version("triton"),
-        "transformers": _version("transformers"),
-        "liger_kernel": _version("liger_kernel"),
-        "gpt2_fast": _version("gpt2_fast"),
+        "triton": module_version("triton"),
+        "transformers": module_version("transformers"),
+        "liger_kernel": module_version("liger_kernel"),
+        "gpt2_fast": module_version("gpt2_fast"),
         "host": platform.node(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
     }

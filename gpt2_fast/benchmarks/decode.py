@@ -7,6 +7,11 @@ Peers (same weights, same prompt, same number of new tokens, greedy, no early st
   compile   gpt-fast's recipe on our model with the torch backend: static KV cache, the one-token
             step under torch.compile(mode="reduce-overhead", fullgraph=True) on CUDA; plain eager
             on CPU (compiling takes minutes there) unless --compile
+  ort       (CPU, fp32, batch 1) ONNX Runtime on a decoder with past key values exported from our
+            weights (benchmarks/cpu_peers.py), intra-op threads = torch's
+  ct2       (CPU, fp32, batch 1) CTranslate2 float32 converted from our weights, as many threads
+            ort and ct2 are optional (pip install -e '.[peers]'): a skipped row says why when absent
+            (int8 and interleaved repetitions: bench/cpu_decode_peers.py)
 Reported: time to first token (prefill + first sample), ms/token p50 / p90 / mean over the decode
 steps, tokens/s, achieved GB/s = (weight bytes + live KV bytes) per token / time per token, peak
 GPU memory, and warm-up (compile / graph capture) time. Weight bytes count every parameter once
@@ -29,7 +34,7 @@ from . import common
 
 TINY = "tiny"
 TINY_CONFIG = dict(n_layer=2, n_head=2, n_embd=128)
-PEERS = ("ours", "hf", "compile")
+PEERS = ("ours", "hf", "compile", "ort", "ct2")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -225,6 +230,39 @@ def run_hf(model, prompt, new_tokens, device, dtype, wbytes, P):
     return row, ids
 
 
+def run_cpu_peer(name: str, model, prompt, new_tokens, device, dtype, wbytes, P):
+    """ONNX Runtime ("ort") or CTranslate2 ("ct2") on our weights (save_pretrained, then their
+    own export / converter), fp32, batch 1, greedy; a warm-up run, then the timed one."""
+    from . import cpu_peers
+    if device.type != "cpu" or dtype != torch.float32 or len(prompt) != 1:
+        return dict(peer=name, status="skipped", reason="a CPU peer for fp32 weights at batch 1 "
+                    f"(this run: {device.type}, {str(dtype).removeprefix('torch.')}, batch {len(prompt)})"), None
+    why = cpu_peers.missing("onnxruntime" if name == "ort" else "ctranslate2")
+    if why:
+        return dict(peer=name, status="skipped", reason=why), None
+    cfg, threads = model.config, torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix=f"gpt2_fast_bench_{name}_") as tmp:
+        model.save_pretrained(os.path.join(tmp, "hf"))
+        t0 = time.perf_counter()
+        if name == "ort":
+            cpu_peers.export_onnx(os.path.join(tmp, "hf"), os.path.join(tmp, "gpt2.onnx"))
+            run = cpu_peers.ort_runner(os.path.join(tmp, "gpt2.onnx"), threads, cfg.n_layer, cfg.n_head, cfg.n_embd)
+            detail = f"onnxruntime {common.module_version('onnxruntime')}, exported decoder with past key values"
+        else:
+            cpu_peers.convert_ct2(os.path.join(tmp, "hf"), os.path.join(tmp, "ct2"), "float32")
+            run = cpu_peers.ct2_runner(os.path.join(tmp, "ct2"), threads)
+            detail = f"ctranslate2 {common.module_version('ctranslate2')} Generator, float32"
+        prepare_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        run(prompt[0], min(new_tokens, 8))
+        warmup_s = time.perf_counter() - t0
+        toks, marks = run(prompt[0], new_tokens)
+    steps = [(b - a) * 1e3 for a, b in zip(marks[1:], marks[2:])]
+    row = _summary(name, marks[1] - marks[0], steps, cfg, 1, P, new_tokens, wbytes, dtype, device,
+                   warmup_s=warmup_s, export_s=prepare_s, detail=f"{detail}, {threads} thread(s)")
+    return row, [toks]
+
+
 def run_compile(model, prompt, new_tokens, device, dtype, wbytes, P, allow_compile: bool):
     """gpt-fast's static-cache decode on our model with the torch backend."""
     orig = model.config.backend
@@ -385,6 +423,8 @@ def run(args, device: torch.device, out_dir: Optional[str]) -> dict:
                 row, ids[peer] = run_ours(model, prompt, N, device, dtype, wbytes, P)
             elif peer == "hf":
                 row, ids[peer] = run_hf(model, prompt, N, device, dtype, wbytes, P)
+            elif peer in ("ort", "ct2"):
+                row, ids[peer] = run_cpu_peer(peer, model, prompt, N, device, dtype, wbytes, P)
             else:
                 row, ids[peer] = run_compile(model, prompt, N, device, dtype, wbytes, P, args.compile)
                 ids[row["peer"]] = ids[peer]
