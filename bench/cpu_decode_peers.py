@@ -9,8 +9,9 @@ that folder: ours with GPT.from_pretrained; ONNX Runtime from a decoder with pas
 this script exports with torch.onnx from those weights (plain GPT-2 math, past as two (L, B, H, P, D)
 inputs; int8 = onnxruntime.quantization.quantize_dynamic, i.e. W8A8); CTranslate2 through its
 transformers converter (float32 and int8). Each engine runs in its own worker process (so its
-resident set is its own), loaded once per thread count; a repetition runs every engine once, in
-a rotated order (interleaved, so background load hits all alike). Batch 1, greedy, a fixed
+resident set is its own), one per thread count; a repetition runs every (engine, thread count)
+once, in a rotated order (interleaved, so background load hits all alike, and the 2-thread scaling
+is a per-rep ratio too). Batch 1, greedy, a fixed
 random prompt; per run: time to first token (prefill + first token), ms/token over the rest,
 the tokens (agreement = positions equal to ours fp32's). RSS: VmRSS of the worker after its
 runs, and the same minus the worker's RSS after imports (what the model and its runtime add);
@@ -186,18 +187,23 @@ def ask(p) -> dict:
 
 
 def measure(engines, threads, args, work, model_dir, prompt, cfg) -> dict:
+    """{thread count: {engine: [one result per rep]}}. Every (engine, thread count) has its own worker,
+    and a rep runs them all back to back in a rotated order: the thread counts are interleaved too,
+    so the 2-thread scaling compares the same stretch of machine time (one count's reps after the
+    other's mixed a drift of the host into it)."""
     procs = {}
-    for e in engines:
-        try:
-            procs[e] = start_worker(e, threads, args, work, model_dir, prompt, cfg)
-        except Exception as ex:
-            print(f"  {e}: {ex}", file=sys.stderr)
-    runs = {e: [] for e in procs}
+    for t in threads:
+        for e in engines:
+            try:
+                procs[(e, t)] = start_worker(e, t, args, work, model_dir, prompt, cfg)
+            except Exception as ex:
+                print(f"  {e} at {t} thread(s): {ex}", file=sys.stderr)
+    runs = {t: {e: [] for e in engines if (e, t) in procs} for t in threads}
+    keys = list(procs)
     for r in range(args.reps):
-        order = list(procs)[r % len(procs):] + list(procs)[:r % len(procs)]  # rotate who goes first
-        for e in order:
+        for e, t in keys[r % len(keys):] + keys[:r % len(keys)]:  # rotate who goes first
             time.sleep(0.5)  # the previous engine's idle threads stop spinning (OpenMP, ORT pools)
-            runs[e].append(ask(procs[e]))
+            runs[t][e].append(ask(procs[(e, t)]))
     for p in procs.values():
         p.stdin.close()
         p.wait(timeout=60)
@@ -272,10 +278,10 @@ def drive(args, engines, threads) -> int:
         prompt = torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
         skipped = {} if reuse else prepare_peers(engines, model_dir, work)
         engines = [e for e in engines if e not in skipped]
+        print(f"-- {', '.join(engines)} at {', '.join(map(str, threads))} thread(s); {args.reps} interleaved reps",
+              file=sys.stderr)
         results = {}
-        for t in threads:
-            print(f"-- {t} thread(s): {', '.join(engines)}; {args.reps} interleaved reps", file=sys.stderr)
-            runs = measure(engines, t, args, work, model_dir, prompt, cfg)
+        for t, runs in measure(engines, threads, args, work, model_dir, prompt, cfg).items():
             ref = runs.get("ours_fp32", [{}])[-1].get("tokens")
             results[str(t)] = summarize(runs, ref)
     pairs = paired(results)
@@ -301,7 +307,7 @@ def paired(results: dict) -> dict:
     """Per goal pair and thread count: the median over reps of a's ms/token / b's in the same rep
     (a rep runs every engine back to back, so this ratio sees the same machine state on both
     sides; the ratio of medians mixes reps), and in how many reps a met the goal. Also the
-    2-thread scaling of every engine (1-thread median / 2-thread median)."""
+    2-thread scaling of every engine (median over reps of 1-thread / 2-thread time)."""
     out = {}
     for t, res in results.items():
         for a, b, goal, field in PAIRS:
@@ -309,10 +315,11 @@ def paired(results: dict) -> dict:
                 r = [x / y for x, y in zip(res[a][field + "_all"], res[b][field + "_all"])]
                 name = f"{a}/{b}@{t}" + (" TTFT" if field == "ttft_ms" else "")
                 out[name] = dict(median=median(r), met=sum(x <= goal for x in r), reps=len(r), goal=goal)
-    if "1" in results and "2" in results:
+    if "1" in results and "2" in results:  # per rep: the two counts ran in the same rep
         for e in results["1"]:
             if e in results["2"]:
-                out[f"scaling {e}"] = results["1"][e]["ms_per_token"] / results["2"][e]["ms_per_token"]
+                out[f"scaling {e}"] = median([a / b for a, b in zip(results["1"][e]["ms_per_token_all"],
+                                                                     results["2"][e]["ms_per_token_all"])])
     return out
 
 
@@ -367,7 +374,8 @@ def report(results, pairs, threads, bw, wbytes, skipped, load_before, load_after
             print(f"{e:<10} {r['ms_per_token']:9.2f} {ratio:>13} {r['ttft_ms']:8.1f} {r['rss_mb']:7.0f} "
                   f"{r['rss_above_imports_mb']:8.0f} {r['anon_above_imports_mb']:7.0f} {agree:>8}")
     if pairs:
-        print("\npaired (median over reps of the ratio within a rep; goal met in k of n reps) and 2-thread scaling:")
+        print("\npaired (median over reps of the ratio within a rep; goal met in k of n reps) and 2-thread scaling"
+              " (median over reps):")
         for k, v in pairs.items():
             print(f"  {k:<33} " + (f"{v['median']:.3f}  (goal <= {v['goal']}: {v['met']}/{v['reps']})"
                                      if isinstance(v, dict) else f"{v:.2f}x"))
