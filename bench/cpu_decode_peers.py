@@ -288,12 +288,14 @@ def drive(args, engines, threads) -> int:
     bw = copy_bandwidth_gbs()
     load_after = open("/proc/loadavg").read().split()[:3]
     report(results, pairs, threads, bw, wbytes, skipped, load_before, load_after, args)
-    write_json(args.out, dict(stamp=stamp(torch.device("cpu")), machine=machine(), config=args.config,
+    st = stamp(torch.device("cpu"))
+    write_json(args.out, dict(stamp=st, machine=machine(), config=args.config,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
                               load_before=load_before, load_after=load_after, copy_bandwidth_gbs=bw,
                               floor_bytes=wbytes, floor_ms={k: v / bw / 1e6 for k, v in wbytes.items()},
                               skipped=skipped, results=results, paired=pairs, command=" ".join(sys.argv)))
-    print(f"wrote {args.out}")
+    png = plot(results, os.path.splitext(args.out)[0] + ".png", st, describe(args, load_before, load_after))
+    print(f"wrote {args.out}" + (f" and {png}" if png else ""))
     return 0
 
 
@@ -321,6 +323,17 @@ def paired(results: dict) -> dict:
                 out[f"scaling {e}"] = median([a / b for a, b in zip(results["1"][e]["ms_per_token_all"],
                                                                      results["2"][e]["ms_per_token_all"])])
     return out
+
+
+def plot(results: dict, path: str, st: dict, what: str):
+    """ms/token and time to first token per engine, a panel per thread count (PNG; None without
+    matplotlib); st: the run's stamp, what: the run in words (the subtitle)."""
+    from gpt2_fast.benchmarks.common import plot_bars
+    groups = {}
+    for t, res in results.items():
+        groups[f"decode, {t} thread(s)"] = [(e, "ms/token", r["ms_per_token"]) for e, r in res.items()]
+        groups[f"time to first token, {t} thread(s)"] = [(e, "TTFT ms", r["ttft_ms"]) for e, r in res.items()]
+    return plot_bars(path, groups, dict(st, note=what), lambda title: "ms (median of reps)")
 
 
 def floor_bytes(model, kind: str) -> int:
@@ -360,9 +373,13 @@ def machine() -> dict:
     return info
 
 
+def describe(args, load_before, load_after) -> str:
+    return (f"{args.config}, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
+            f"median of {args.reps} interleaved reps; load {load_before} -> {load_after}")
+
+
 def report(results, pairs, threads, bw, wbytes, skipped, load_before, load_after, args) -> None:
-    print(f"{args.config}, batch 1, prompt {args.prompt_len}, {args.new_tokens} new tokens, greedy, "
-          f"median of {args.reps} interleaved reps; load {load_before} -> {load_after}")
+    print(describe(args, load_before, load_after))
     for t in threads:
         res = results[str(t)]
         base = res.get("ours_fp32", {}).get("ms_per_token")
