@@ -14,7 +14,8 @@ and the fused CPU decode step (gpt2_fast/cpu_decode.py) uses the same buffers. E
 extension, or kernel="torch") larger row counts dequantize to a float weight and call F.linear.
 
 `quantize_int8(model)` swaps every block's four projections (and, by default, an untied int8
-copy of the LM head; the embedding stays float) for Int8Linear in place. The quantized model
+copy of the LM head; the embedding stays float until cpu_decode.pack_for_cpu_inference swaps it
+for Int8Embedding, the head's own rows) for Int8Linear in place. The quantized model
 generates and evaluates; it does not train and is not saved in the HF format.
 """
 from __future__ import annotations
@@ -143,7 +144,9 @@ def _cpu_linear_op():
 
 def quantize_int8(model, lm_head: bool = True, bits: int = 8):
     """Replace the model's block projections (and the LM head) with Int8Linear, in place.
-    Returns the model. The token embedding stays float (a gather reads one row per token)."""
+    Returns the model. The token embedding stays float (a gather reads one row per token);
+    gpt2_fast.cpu_decode.pack_for_cpu_inference reads it from the int8 LM head instead when the
+    two were tied."""
     if getattr(model, "quantized", None):
         raise ValueError(f"model is already quantized ({model.quantized})")
     if not hasattr(model, "transformer") or not hasattr(model, "lm_head"):
@@ -154,9 +157,36 @@ def quantize_int8(model, lm_head: bool = True, bits: int = 8):
                                  (block.mlp, "c_fc"), (block.mlp, "c_proj")):
                 setattr(parent, name, Int8Linear.from_linear(getattr(parent, name), bits))
         if lm_head:
+            tied = model.lm_head.weight is model.transformer.wte.weight
             model.lm_head = Int8Linear.from_linear(model.lm_head, bits)  # unties: wte stays float
+            if tied:  # remembered (a plain attribute, not a parameter) for pack_for_cpu_inference
+                object.__setattr__(model.lm_head, "quantized_from", model.transformer.wte.weight)
     model.quantized = f"int{bits} weight-only" if bits != 8 else "int8 weight-only"
     return model
+
+
+class Int8Embedding(nn.Module):
+    """The token embedding read from an int8 LM head quantized from it (GPT-2's tied pair): row i is
+    weight_int8[i] * scale[i] of the head, so the float table (V x C: 147 MiB fp32 for gpt2) can go.
+    Made by gpt2_fast.cpu_decode.pack_for_cpu_inference for a CPU inference-only model. The head's
+    tensors are read at call time (the head is not a submodule: its buffers move with it, once).
+    `weight` is a 0-row tensor of the embedding's dtype on its device, for the code that asks a
+    model's wte.weight what dtype and device the model has; there is no float table to index."""
+
+    def __init__(self, head: Int8Linear, dtype: torch.dtype):
+        super().__init__()
+        object.__setattr__(self, "head", head)
+        self.num_embeddings, self.embedding_dim = head.out_features, head.in_features
+        self.register_buffer("weight", torch.empty(0, head.in_features, dtype=dtype,
+                                                   device=head.weight_int8.device), persistent=False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        h = self.head
+        rows = F.embedding(idx, h.weight_int8).to(torch.float32) * h.scale[idx].unsqueeze(-1)
+        return rows.to(self.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rows of the int8 LM head"
 
 
 def weight_bytes(model) -> int:

@@ -193,3 +193,33 @@ def test_engine_reuses_its_cpu_decoder_until_the_weights_change():
     with torch.no_grad():
         ref = copy.deepcopy(m)
     assert got == tokens(Engine(ref), PROMPTS[:1], 6) and got != first
+
+
+def test_packed_int8_model_reads_token_rows_from_its_int8_lm_head(monkeypatch):
+    """quantize_int8 then pack_for_cpu_inference on a tied model: the token embedding becomes the int8
+    head's rows times their scales and the float (V, C) table is gone; the Python forward, the Python
+    engine and the fused C++ step all use those rows (same tokens), within int8's error of before."""
+    from gpt2_fast.cpu_decode import pack_for_cpu_inference
+    from gpt2_fast.quant import Int8Embedding
+    m = quantize_int8(make_model(7))
+    V, C = m.config.vocab_size, m.config.n_embd
+    idx = torch.tensor(PROMPTS[:1])
+    with torch.no_grad():
+        before = m(idx)[0]
+    pack_for_cpu_inference(m)
+    wte = m.transformer.wte
+    assert isinstance(wte, Int8Embedding) and wte.weight.dtype == torch.float32 and wte.weight.numel() == 0
+    assert not any(t.is_floating_point() and tuple(t.shape) == (V, C) for t in (*m.parameters(), *m.buffers()))
+    ids = torch.tensor([[0, 5, V - 1]])
+    torch.testing.assert_close(wte(ids), m.lm_head.weight_int8[ids].float() * m.lm_head.scale[ids][..., None])
+    with torch.no_grad():
+        after = m(idx)[0]
+    assert (after - before).abs().max() <= 0.02 * before.abs().max()  # the embedding's int8 rounding
+    fused = tokens(Engine(m), PROMPTS, 8)
+    monkeypatch.setenv("GPT2_FAST_CPU_FUSED", "0")
+    plain = Engine(m)
+    assert tokens(plain, PROMPTS, 8) == fused and plain._cpu is None
+    # an untied or unquantized head keeps the float table
+    u = quantize_int8(make_model(7), lm_head=False)
+    pack_for_cpu_inference(u)
+    assert isinstance(u.transformer.wte, torch.nn.Embedding)

@@ -267,6 +267,9 @@ def test_cpu_step_perplexity_of_int8_and_bf16_within_1_percent(trained_on_kjv):
     assert abs(bw / base - 1) < 0.01, f"bf16 weight-only perplexity {bw:.3f} vs float {base:.3f}"
     int8 = stepwise_perplexity(_quantized_copy(model, bits=8), held_out, 32)
     assert abs(int8 / base - 1) < 0.01, f"int8 perplexity {int8:.3f} vs float {base:.3f}"
+    from gpt2_fast.cpu_decode import pack_for_cpu_inference  # token rows from the int8 LM head too
+    packed = stepwise_perplexity(pack_for_cpu_inference(_quantized_copy(model, bits=8)), held_out, 32)
+    assert abs(packed / base - 1) < 0.01, f"packed int8 perplexity {packed:.3f} vs float {base:.3f}"
     w8 = stepwise_perplexity(_quantized_copy(model, bits=8), held_out, 32, lowp_act=False)  # weight-only
     assert abs(w8 / base - 1) < 0.01, f"int8 weight-only perplexity {w8:.3f} vs float {base:.3f}"
     int2 = stepwise_perplexity(_quantized_copy(model, bits=2), held_out, 32)  # the control

@@ -12,6 +12,7 @@
 // Weights are read where the model keeps them (fp32 / bf16 / int8 + per-channel scale, either
 // layout of gemv.h); activations, LayerNorm, softmax and the KV cache are fp32. Tensors arrive as
 // two flat lists (cpu_decode.py builds them once): globals = [wte, wpe, lnf_w, lnf_b, lm_w, lm_s]
+// (wte int8: the LM head's own rows, scaled by lm_s)
 // and kLayerTensors per layer (order below); an empty tensor stands for "none" (no bias, no
 // scale). Design choice: one op for the whole model rather than one per layer, because per-token
 // dispatch overhead, not arithmetic, is what separates a Python step from the bandwidth floor.
@@ -145,16 +146,19 @@ static const float* opt_f32(const Tensor& t, int64_t n, const char* what) {
 
 static OptTensor opt(const Tensor& t) { return t.numel() ? OptTensor(t) : std::nullopt; }
 
+// x[m] = wte[id] (* scale[id]: an int8 table, the LM head's rows) + wpe[pos]
 template <typename E>
-static void embed_rows(const Tensor& wte, const int64_t* ids, const float* wpe, const Shape& s, float* x) {
+static void embed_rows(const Tensor& wte, const float* scale, const int64_t* ids, const float* wpe, const Shape& s,
+                       float* x) {
   const E* w = wte.data_ptr<E>();
   const int64_t s0 = wte.stride(0), s1 = wte.stride(1);
   for (int64_t b = 0; b < s.B; ++b)
     for (int64_t t = 0; t < s.T; ++t) {
       const int64_t m = b * s.T + t, id = ids[m];
       const int64_t pos = std::max<int64_t>(s.start + t - s.ks[b], 0);
+      const float sc = scale ? scale[id] : 1.f;
       for (int64_t c = 0; c < s.C; ++c)
-        x[m * s.C + c] = static_cast<float>(w[id * s0 + c * s1]) + wpe[pos * s.C + c];
+        x[m * s.C + c] = static_cast<float>(w[id * s0 + c * s1]) * sc + wpe[pos * s.C + c];
     }
 }
 
@@ -377,8 +381,8 @@ static Shape check_shape(const Tensor& idx, int64_t start, const OptTensor& kv_s
   CHECK_DTYPE(idx, at::kLong);
   CHECK_CONTIGUOUS(idx);
   CHECK_DIM(wte, 2);
-  TORCH_CHECK(wte.scalar_type() == at::kFloat || wte.scalar_type() == at::kBFloat16,
-              "wte must be float32 or bfloat16, got ", wte.scalar_type());
+  TORCH_CHECK(wte.scalar_type() == at::kFloat || wte.scalar_type() == at::kBFloat16 || wte.scalar_type() == at::kChar,
+              "wte must be float32, bfloat16 or int8 (the LM head's rows, with its scale), got ", wte.scalar_type());
   Shape s{idx.size(0), idx.size(1), wte.size(1), n_head, wte.size(1) / n_head, 0, start, {}};
   TORCH_CHECK(n_head > 0 && s.C % n_head == 0, "n_embd ", s.C, " is not a multiple of n_head ", n_head);
   TORCH_CHECK(!k_caches.empty(), "expected one KV cache per layer");
@@ -439,8 +443,17 @@ Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_st
   Tensor logits = empty_out({R, n_vocab}, idx.options().dtype(at::kFloat));
 
   std::vector<float> x(M * C);
-  if (wte.scalar_type() == at::kFloat) embed_rows<float>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
-  else embed_rows<c10::BFloat16>(wte, idx.data_ptr<int64_t>(), wpe, s, x.data());
+  const int64_t* ids = idx.data_ptr<int64_t>();
+  if (wte.scalar_type() == at::kChar) {  // rows of the int8 LM head: its per-row scale (globals[5])
+    TORCH_CHECK(globals[5].scalar_type() == at::kFloat && globals[5].is_contiguous() &&
+                    globals[5].numel() == wte.size(0),
+                "an int8 wte needs the LM head's float32 scale of ", wte.size(0), " rows as globals[5]");
+    embed_rows<int8_t>(wte, globals[5].data_ptr<float>(), ids, wpe, s, x.data());
+  } else if (wte.scalar_type() == at::kFloat) {
+    embed_rows<float>(wte, nullptr, ids, wpe, s, x.data());
+  } else {
+    embed_rows<c10::BFloat16>(wte, nullptr, ids, wpe, s, x.data());
+  }
   if (M <= region_max_rows(plans.empty() ? lm.w.dtype : plans[0].qkv.w.dtype)) {
     forward_small(plans, lm, lw, lb, x.data(), s, e, is, lowp_act, logits.data_ptr<float>(), all_logits);
   } else {
