@@ -93,6 +93,9 @@ class FusedDecodeStep:
         from .choices import choice
         cfg = model.config
         self.model, self.cfg = model, cfg
+        if not isinstance(model.transformer.wte, torch.nn.Embedding):  # e.g. quant.Int8Embedding
+            raise TypeError("the fused decode step reads the token embedding as a float table; this model's "
+                            f"wte is a {type(model.transformer.wte).__name__} (pack_for_cpu_inference: CPU only)")
         wte = model.transformer.wte.weight
         self.dtype, self.device = wte.dtype, wte.device
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):

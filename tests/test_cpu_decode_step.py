@@ -223,3 +223,12 @@ def test_packed_int8_model_reads_token_rows_from_its_int8_lm_head(monkeypatch):
     u = quantize_int8(make_model(7), lm_head=False)
     pack_for_cpu_inference(u)
     assert isinstance(u.transformer.wte, torch.nn.Embedding)
+
+
+def test_fused_gpu_step_refuses_an_int8_embedding():
+    """The GPU fused decode step reads wte as a float table: a packed int8 model is refused by name."""
+    from gpt2_fast.cpu_decode import pack_for_cpu_inference
+    from gpt2_fast.decode_fused import FusedDecodeStep
+    m = pack_for_cpu_inference(quantize_int8(make_model(8)))
+    with pytest.raises(TypeError, match="Int8Embedding"):
+        FusedDecodeStep(m)
