@@ -202,16 +202,14 @@ def pack_for_cpu_inference(model, huge_pages: bool = True):
     return model
 
 
-def _embed_from_int8_head(model) -> bool:
+def _embed_from_int8_head(model) -> None:
     """wte -> quant.Int8Embedding of the LM head when the head is int8 and was quantized from wte."""
     from .quant import Int8Embedding, Int8Linear
     wte, head = model.transformer.wte, model.lm_head
-    if not (isinstance(head, Int8Linear) and isinstance(wte, torch.nn.Embedding)
-            and getattr(head, "quantized_from", None) is wte.weight and wte.weight.device.type == "cpu"):
-        return False
-    model.transformer.wte = Int8Embedding(head, wte.weight.dtype)
-    object.__setattr__(head, "quantized_from", None)  # the float table's last reference
-    return True
+    if isinstance(head, Int8Linear) and isinstance(wte, torch.nn.Embedding) \
+            and getattr(head, "quantized_from", None) is wte.weight and wte.weight.device.type == "cpu":
+        model.transformer.wte = Int8Embedding(head, wte.weight.dtype)
+        object.__setattr__(head, "quantized_from", None)  # the float table's last reference
 
 
 def _trim_heap() -> None:

@@ -185,6 +185,17 @@ static void attend_pair(const float* qkv, float* out, float* kc, float* vc, cons
   }
 }
 
+// the final LayerNorm of the rows the LM head reads: the last position of each batch row, or every
+// row (all_logits), into out (R, C)
+static void final_ln_rows(const float* x, const Shape& s, bool all_logits, const float* w, const float* b, float eps,
+                          float* out) {
+  const int64_t R = all_logits ? s.B * s.T : s.B;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
+    ln_row(x + m * s.C, w, b, out + r * s.C, s.C, eps);
+  }
+}
+
 static Linear make_linear(at::TensorList L, int w, int sc, int b, int64_t N, int64_t K, const char* what) {
   Linear l{L[w], weight_view(L[w], opt(L[sc])), nullptr};
   TORCH_CHECK(l.w.N == N && l.w.K == K, what, " weight must be (", N, ", ", K, "), got (", l.w.N, ", ", l.w.K, ")");
@@ -352,10 +363,7 @@ static void forward_small(const std::vector<LayerPlan>& plans, const Linear& lm,
       layer_small(plans[l], x, qkv.data(), att.data(), f.data(), s, eps, c, &phases[5 * l]);
     Gemv g;
     auto lnf = [&] {
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
-        ln_row(x + m * C, lnf_w, lnf_b, c.h.data() + r * C, C, eps);
-      }
+      final_ln_rows(x, s, all_logits, lnf_w, lnf_b, eps, c.h.data());
       g = c.gemv(lm, c.h.data(), R, logits, false);
     };
     gemv_phase(phases[n_phases - 1], c, lm.w, g, lnf, [](int64_t, int64_t) {});
@@ -459,12 +467,8 @@ Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_st
   } else {
     std::vector<float> h(M * C), qkv(M * 3 * C), att(M * C), f(M * F);
     for (const LayerPlan& P : plans) run_layer_gemm(P, x.data(), h.data(), qkv.data(), att.data(), f.data(), s, e, is, lowp_act);
-    // the final LayerNorm and the LM head on the last position of each row (or on every row)
     std::vector<float> last(R * C);
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t m = all_logits ? r : (r + 1) * s.T - 1;
-      ln_row(x.data() + m * C, lw, lb, last.data() + r * C, C, e);
-    }
+    final_ln_rows(x.data(), s, all_logits, lw, lb, e, last.data());
     lin(lm, last.data(), R, logits.data_ptr<float>(), false, is, lowp_act);
   }
   return all_logits ? logits.view({s.B, s.T, n_vocab}) : logits;

@@ -200,12 +200,17 @@ GPT2F_INLINE void bf16_group(const GemvArgs& a, const Rows& x, int64_t n0, int n
 // does in the default rounding mode; the max and the bf16 rounding are exact integer / max ops).
 // The scalar loops (a libm call per element) cost ~8% of an int8 decode step and most of a W8A8
 // prefill's rounding.
+// the lanes of a 16-float step that lie before the row's end (left = K - k)
+GPT2F_INLINE __mmask16 row_mask(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+}
+
 void round_rows_int8(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t* q, float* xs) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     __m512 mx = _mm512_setzero_ps();
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 in = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      const __mmask16 in = row_mask(K - k);
       mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_maskz_loadu_ps(in, xr + k)));
     }
     const float amax = _mm512_reduce_max_ps(mx);
@@ -213,7 +218,7 @@ void round_rows_int8(const float* x, int64_t M, int64_t ldx, int64_t K, uint8_t*
     const __m512 vinv = _mm512_set1_ps(inv), zero = _mm512_setzero_ps();
     uint8_t *p = q + m * 2 * K, *n = p + K;
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 in = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      const __mmask16 in = row_mask(K - k);
       const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(in, xr + k), vinv);
       _mm512_mask_cvtusepi32_storeu_epi8(p + k, in, _mm512_cvtps_epi32(_mm512_max_ps(v, zero)));
       _mm512_mask_cvtusepi32_storeu_epi8(n + k, in, _mm512_cvtps_epi32(_mm512_max_ps(_mm512_sub_ps(zero, v), zero)));
@@ -226,7 +231,7 @@ void round_rows_bf16(const float* x, int64_t M, int64_t ldx, int64_t K, uint16_t
   const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 in = K - k >= 16 ? __mmask16(0xffff) : __mmask16((1u << (K - k)) - 1);
+      const __mmask16 in = row_mask(K - k);
       const __m512i u = _mm512_maskz_loadu_epi32(in, x + m * ldx + k);
       const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, bias), _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
       _mm512_mask_cvtepi32_storeu_epi16(b + m * K + k, in, _mm512_srli_epi32(r, 16));
@@ -259,11 +264,18 @@ __attribute__((noinline)) void range(const GemvArgs& a, const Rows& x, bool int8
 // instruction-set choice
 // ------------------------------------------------------------------------------------------
 
+// whether this CPU has the lowp path's instructions for int8 (VNNI) / bf16 (AVX512-BF16), probed once
 static bool cpu_has_lowp(bool int8) {
 #ifdef GPT2F_HAVE_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512bw") && (int8 ? __builtin_cpu_supports("avx512vnni")
-                                                     : __builtin_cpu_supports("avx512bf16"));
+  static const bool vnni = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  }();
+  static const bool bf16 = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+  }();
+  return int8 ? vnni : bf16;
 #else
   return false;
 #endif
@@ -324,9 +336,7 @@ static int weight_kind(c10::ScalarType t) {
 
 void round_rows(const float* x, int64_t M, int64_t ldx, int64_t K, bool int8, uint8_t* q, float* xs, uint16_t* b) {
 #ifdef GPT2F_HAVE_X86
-  static const bool vnni = cpu_has_lowp(true), bf16 = cpu_has_lowp(false);
-  if (int8 && vnni) return lowp::round_rows_int8(x, M, ldx, K, q, xs);
-  if (!int8 && bf16) return lowp::round_rows_bf16(x, M, ldx, K, b);
+  if (cpu_has_lowp(int8)) return int8 ? lowp::round_rows_int8(x, M, ldx, K, q, xs) : lowp::round_rows_bf16(x, M, ldx, K, b);
 #endif
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
@@ -354,16 +364,22 @@ void round_rows(const float* x, int64_t M, int64_t ldx, int64_t K, bool int8, ui
 bool lowp_applies(const WeightView& w, Isa isa, bool lowp_act) {
   const int kind = weight_kind(w.dtype);
   if (!lowp_act || kind == 0 || isa != Isa::Avx512 || w.kn) return false;
-  static const bool vnni = cpu_has_lowp(true), bf16 = cpu_has_lowp(false);
-  return kind == 2 ? vnni : bf16;
+  return cpu_has_lowp(kind == 2);
 }
 
 int64_t gemv_unit(const WeightView& w) { return w.kn ? 16 : 4; }
 
+static int64_t weight_esize(const WeightView& w) {  // bytes per stored weight
+  static constexpr int64_t kBytes[] = {4, 2, 1};    // by weight_kind: fp32, bf16, int8
+  return kBytes[weight_kind(w.dtype)];
+}
+
+static int64_t unit_bytes(const WeightView& w) {  // weight bytes of one gemv_unit of output columns
+  return gemv_unit(w) * std::max<int64_t>(w.K, 1) * weight_esize(w);
+}
+
 int64_t gemv_chunk_cols(const WeightView& w) {
-  const int64_t esize = w.dtype == at::kFloat ? 4 : w.dtype == at::kBFloat16 ? 2 : 1;
-  const int64_t unit = gemv_unit(w), unit_bytes = unit * std::max<int64_t>(w.K, 1) * esize;
-  return std::max<int64_t>(1, (int64_t{64} << 10) / unit_bytes) * unit;
+  return std::max<int64_t>(1, (int64_t{64} << 10) / unit_bytes(w)) * gemv_unit(w);
 }
 
 // Software prefetch distance, in weights, of the (N, K) kernels: the same line of the rows ~8 KiB
@@ -377,8 +393,7 @@ static int64_t prefetch_distance(const WeightView& w) {
     return v && *v ? std::atoll(v) : int64_t{8192};
   }();
   if (w.kn || bytes <= 0) return 0;
-  const int64_t esize = w.dtype == at::kFloat ? 4 : w.dtype == at::kBFloat16 ? 2 : 1;
-  const int64_t rows = std::max<int64_t>(4, CEIL_DIV(CEIL_DIV(bytes, w.ld * esize), 4) * 4);
+  const int64_t rows = std::max<int64_t>(4, CEIL_DIV(CEIL_DIV(bytes, w.ld * weight_esize(w)), 4) * 4);
   return rows * w.ld;
 }
 
@@ -426,9 +441,8 @@ void gemv(const float* x, int64_t M, int64_t ldx, const WeightView& w, const flo
     rows = LowpRows{q.data(), xs.data(), b.data()};
     g.lowp = &rows;
   }
-  const int64_t esize = kind == 0 ? 4 : kind == 1 ? 2 : 1, unit = gemv_unit(w);
-  const int64_t unit_bytes = unit * std::max<int64_t>(w.K, 1) * esize;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / unit_bytes);  // >= 128 KiB a task
+  const int64_t unit = gemv_unit(w);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 17) / unit_bytes(w));  // >= 128 KiB a task
   at::parallel_for(0, CEIL_DIV(w.N, unit), grain, [&](int64_t b0, int64_t e0) {
     gemv_cols(g, b0 * unit, std::min(w.N, e0 * unit));
   });
