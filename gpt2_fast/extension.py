@@ -8,7 +8,8 @@ Three layers, as flash-attention's interface:
   <op>(...)                              the public functions, with the reference signatures
                                          (gpt2_fast/reference.py, without `upcast`)
 Attention's backward: on CUDA the Triton kernel (gpt2_fast.kernels.flash_attention, it takes the
-same natural-log lse), else the reference math recomputed under autograd. On CPU, attention that
+same natural-log lse; resolved once, when the extension loads), else the reference math recomputed
+under autograd. On CPU, attention that
 needs gradients runs the reference directly (the C++ forward serves inference). decode_attention is
 inference only. float64 inputs and attention dropout go to the reference (the kernels take
 fp32 / fp16 / bf16 and no dropout).
@@ -82,6 +83,8 @@ def _load() -> None:
             return
     _C = mod
     _register_fakes()
+    if _C.WITH_CUDA and torch.cuda.is_available():
+        resolve_triton_attention_bwd()
 
 
 def unavailable_reason(device_type: str) -> Optional[str]:
@@ -220,13 +223,24 @@ class BiasGeluFunction(torch.autograd.Function):
         return dx.view(ctx.shape), _param_grad(db, bias, ctx.needs_input_grad[1])
 
 
-def _triton_attention_bwd():
-    """torch.ops.gpt2_fast_triton.attention_bwd when the Triton kernel file imports, else None."""
-    try:
-        import gpt2_fast.kernels.flash_attention  # noqa: F401  (registers the op)
-        return torch.ops.gpt2_fast_triton.attention_bwd
-    except Exception:
-        return None
+_UNRESOLVED = object()
+# torch.ops.gpt2_fast_triton.attention_bwd, or None where the Triton kernel file does not import;
+# resolved once, when the extension loads on a CUDA machine (resolve_triton_attention_bwd), so
+# AttentionFunction.backward only reads it: no import inside a backward that torch.compile traces.
+_TRITON_ATTENTION_BWD = _UNRESOLVED
+
+
+def resolve_triton_attention_bwd():
+    """The Triton attention backward op for CUDA attention, or None without a usable Triton;
+    imports gpt2_fast.kernels.flash_attention on the first call only."""
+    global _TRITON_ATTENTION_BWD
+    if _TRITON_ATTENTION_BWD is _UNRESOLVED:
+        try:
+            import gpt2_fast.kernels.flash_attention  # noqa: F401  (registers the op)
+            _TRITON_ATTENTION_BWD = torch.ops.gpt2_fast_triton.attention_bwd
+        except Exception:  # no triton, or a broken install: the reference math serves backward
+            _TRITON_ATTENTION_BWD = None
+    return _TRITON_ATTENTION_BWD
 
 
 class AttentionFunction(torch.autograd.Function):
@@ -240,8 +254,8 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
-        bwd = _triton_attention_bwd() if q.is_cuda else None
-        if bwd is not None:
+        bwd = _TRITON_ATTENTION_BWD if q.is_cuda else None
+        if bwd is not None and bwd is not _UNRESOLVED:
             dq, dk, dv = bwd(do, q, k, v, o, lse, ctx.causal, 0.0, ctx.scale, None)
         else:  # the reference math, recomputed (fp32 accumulation, as the reference)
             with torch.enable_grad():

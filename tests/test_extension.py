@@ -4,6 +4,9 @@ The CPU kernels run here; the same tests run on CUDA when a GPU and a CUDA build
 (skipped otherwise, with the reason). Tolerance: tests/tolerance.py (error vs the float64
 reference <= 2x torch's own error in the same dtype + atol).
 """
+import builtins
+import dis
+import inspect
 import math
 import os
 import subprocess
@@ -149,6 +152,30 @@ def test_attention_scale_and_layout(dev):
                         reference.attention_ref(q, k, v, True, 0.0, 0.3))
     # (B, H, T, D) over (B, T, H, D) memory, so the model's transpose-reshape is free
     assert out.transpose(1, 2).is_contiguous()
+
+
+def test_attention_backward_imports_nothing(dev, monkeypatch):
+    """AttentionFunction.backward reads the Triton backward op resolved once (when the extension
+    loads): an import inside a backward that torch.compile traces would break its graph."""
+    def imports(fn) -> bool:
+        return any(ins.opname == "IMPORT_NAME" for ins in dis.get_instructions(fn))
+    backward = ext.AttentionFunction.backward
+    called = [getattr(ext, n) for n in backward.__code__.co_names if inspect.isfunction(getattr(ext, n, None))]
+    assert not imports(backward) and not [f.__name__ for f in called if imports(f)]
+    resolved = ext.resolve_triton_attention_bwd()
+    ours, real_import = [], builtins.__import__
+
+    def watch(name, *args, **kwargs):
+        if "gpt2_fast" in name or "kernels" in name or "triton" in name:
+            ours.append(name)
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", watch)
+    assert ext.resolve_triton_attention_bwd() is resolved   # cached: the second call imports nothing
+    q, k, v = (_bthd(1, 2, 9, 16, dev, torch.float32).detach().requires_grad_() for _ in range(3))
+    ext.AttentionFunction.apply(q, k, v, True, 0.25).sum().backward()
+    assert ours == [] and q.grad is not None and v.grad is not None
+    if dev.type == "cuda":
+        assert ext._TRITON_ATTENTION_BWD is resolved
 
 
 def _decode_case(dev, dtype, B, H, Tq, S, D, kv_len, kv_start):
