@@ -65,6 +65,27 @@ def info_lines() -> list[str]:
             if name in ("cuda",) and dt == "cpu" or name == "cpp" and dt == "cuda":
                 continue
             lines.append(f"  {name:7s} {'usable' if why is None else 'unusable: ' + why}")
-        picks = {op: ops.resolve(op, env, dt)[0] for op in ops.OPS}
-        lines.append("  auto picks: " + ", ".join(f"{op}={b}" for op, b in picks.items()))
+        lines.append(picks_line(dt))
     return lines
+
+
+def picks_line(device_type: str) -> str:
+    """What a model built now runs per op on device_type: the requested backend resolved as the
+    model's dispatch resolves it (ops.dispatch: the measured table and the attention_fwd choice
+    applied), attention with what runs its backward where that differs."""
+    kernels = ops.dispatch("auto")
+    names = kernels.names(device_type)
+    names["attention"] = attention_pick(names["attention"], device_type)
+    return f"  {kernels.backend} picks: " + ", ".join(f"{op}={b}" for op, b in names.items())
+
+
+def attention_pick(name: str, device_type: str) -> str:
+    """name, plus the implementation that runs attention with gradients when it is another."""
+    if name == "sdpa":
+        return "sdpa (torch SDPA forward and backward)"
+    if name == "cpp" and device_type == "cpu":  # gpt2_fast.extension.attention: no C++ backward
+        return "cpp (with gradients: torch SDPA)"
+    if name == "triton" and device_type == "cuda":  # its backward variant, fixed when dispatch resolved
+        fa = importlib.import_module("gpt2_fast.kernels.flash_attention")
+        return f"triton (backward: {fa.BWD_VARIANT})"
+    return name

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -21,6 +22,22 @@ def test_info(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch" in out and "backends on cpu" in out and "auto picks" in out
+
+
+def test_info_names_the_attention_that_runs(monkeypatch):
+    """`info` reports attention as the model's dispatch resolves it: SDPA when the attention_fwd
+    choice picks it, the Triton backward variant, and CPU training's torch SDPA beside cpp."""
+    from gpt2_fast import extension, info
+    pytest.importorskip("triton")
+    monkeypatch.delenv("GPT2_FAST_BACKEND", raising=False)
+    monkeypatch.setenv("GPT2_FAST_ATTN_FWD", "sdpa")
+    assert "attention=sdpa (torch SDPA forward and backward)," in info.picks_line("cuda")
+    monkeypatch.setenv("GPT2_FAST_ATTN_FWD", "triton")
+    assert re.search(r"attention=triton \(backward: (triton_det|triton_atomic|sdpa)\),", info.picks_line("cuda"))
+    if extension.unavailable_reason("cpu") is None:
+        assert "attention=cpp (with gradients: torch SDPA)," in info.picks_line("cpu")
+    monkeypatch.setenv("GPT2_FAST_BACKEND", "cuda")  # not runnable on CPU tensors: said, not raised
+    assert "cuda picks: layer_norm=unavailable" in info.picks_line("cpu")
 
 
 def test_generate_from_local_checkpoint(tmp_path, capsys):
