@@ -21,7 +21,7 @@ SUBCOMMANDS = {
     "generate": ("gpt2_fast.cli_generate", "generate text from a checkpoint or a preset"),
     "info": ("gpt2_fast.cli", "device, versions and which kernel backends are usable here"),
     "bench": ("gpt2_fast.benchmarks.cli", "kernel, decode and train benchmarks (bench/README.md)"),
-    "prepare": ("gpt2_fast.data", "tokenize text files into uint16 train/val token shards"),
+    "prepare": ("gpt2_fast.data_prepare", "tokenize text files into uint16 train/val token shards"),
     "train": ("gpt2_fast.train", "train or fine-tune GPT-2 (single process, or DDP / FSDP2 under torchrun)"),
     "eval": ("gpt2_fast.eval", "perplexity, LAMBADA accuracy and zero-shot tasks of a model"),
     "demo": ("gpt2_fast.demo", "prepare the bundled corpus, train a small GPT-2, evaluate, sample"),

@@ -323,10 +323,10 @@ DETOKENIZERS = {"none": lambda s: s, "wikitext": detokenize_wikitext, "ptb": det
 def ppl_file(model, path: str, max_length: Optional[int] = None, stride: Optional[int] = None,
              batch_size: int = 8, limit: Optional[int] = None, detok: str = "none",
              progress: Optional[bool] = False) -> dict:
-    from .data import _read_text
+    from .data_text import read_text
     if detok not in DETOKENIZERS:
         raise ValueError(f"detok must be one of {sorted(DETOKENIZERS)}, got {detok!r}")
-    text = DETOKENIZERS[detok](_read_text(path))
+    text = DETOKENIZERS[detok](read_text(path))
     if not text.strip():
         raise ValueError(f"{path}: the file is empty")
     return perplexity(model, text[:limit] if limit else text, max_length, stride, batch_size, progress=progress)

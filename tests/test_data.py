@@ -1,4 +1,5 @@
-"""gpt2_fast.data: shard format, `prepare`, the memory-mapped loader, the unigram baseline."""
+"""gpt2_fast.data (data_shards, data_text, data_tokenize, data_prepare, data_loader): shard format,
+`prepare`, the memory-mapped loader, the unigram baseline."""
 import gzip
 import json
 import os
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from gpt2_fast import data as D
+from gpt2_fast import data_text, data_tokenize
 from gpt2_fast.tokenizer import EOT_TOKEN, get_tokenizer
 
 
@@ -98,9 +100,9 @@ def test_parallel_split_points_keep_the_tokenization(monkeypatch):
     tok = get_tokenizer()
     base = kjv_text(150_000)
     text = base.replace(". ", ".\n  ").replace(":", "\n\n") + "\n \n\t x\n\n\n" + base
-    pieces = D._split_points(text, 7)
+    pieces = data_tokenize._split_points(text, 7)
     assert len(pieces) > 1 and "".join(pieces) == text
-    monkeypatch.setattr(D, "PARALLEL_MIN_CHARS", 1000)
+    monkeypatch.setattr(data_tokenize, "PARALLEL_MIN_CHARS", 1000)
     (ids,) = D.encode_documents([text], num_threads=2)
     assert ids.tolist() == tok.encode(text, allow_special=False)
 
@@ -243,7 +245,7 @@ def test_failed_prepare_keeps_the_previous_shards(tmp_path, monkeypatch, bad):
         def interrupted(*a, **k):
             calls.append(1)
             raise KeyboardInterrupt
-        monkeypatch.setattr(D, "encode_documents", interrupted)
+        monkeypatch.setattr(data_tokenize, "encode_documents", interrupted)
     with pytest.raises((ValueError, KeyboardInterrupt)):
         D.prepare([str(src)], str(out), name="c", shard_tokens=2000, progress=False)
     assert _snapshot(out) == before  # same files, same bytes, no temp folder left
@@ -323,8 +325,8 @@ def test_streamed_pieces_tokenize_like_the_whole_text(tmp_path, monkeypatch):
     text = (kjv_text(20_000).replace(". ", ".  \n\t ") + " \n \n   x  y\r\n  ") * 2 + "end"
     src = tmp_path / "w.txt"
     src.write_text(text, encoding="utf-8")
-    monkeypatch.setattr(D, "READ_CHUNK_BYTES", 997)   # cuts everywhere, even inside UTF-8 characters
-    monkeypatch.setattr(D, "BATCH_CHARS", 3000)
+    monkeypatch.setattr(data_text, "READ_CHUNK_BYTES", 997)   # cuts everywhere, even inside UTF-8 characters
+    monkeypatch.setattr(data_tokenize, "BATCH_CHARS", 3000)
     pieces = list(D.iter_pieces(str(src)))
     assert len(pieces) > 20 and [p[0] for p in pieces].count(True) == 1
     assert "".join(p for _, p in pieces) == text
@@ -339,9 +341,9 @@ def test_prepare_memory_is_bounded_by_the_chunk_not_the_file(tmp_path, monkeypat
     mostly the two 400 kB unigram count arrays), and under the file's size: reading the file whole
     would cost more than its size."""
     import tracemalloc
-    monkeypatch.setattr(D, "READ_CHUNK_BYTES", 16 << 10)
-    monkeypatch.setattr(D, "BATCH_CHARS", 32 << 10)
-    D.get_tokenizer()  # built before measuring
+    monkeypatch.setattr(data_text, "READ_CHUNK_BYTES", 16 << 10)
+    monkeypatch.setattr(data_tokenize, "BATCH_CHARS", 32 << 10)
+    get_tokenizer()  # built before measuring
     line = json.dumps({"text": kjv_text(2_000)}) + "\n"
     peaks = {}
     for n_lines in (200, 800):
@@ -372,5 +374,5 @@ def test_unreadable_meta_json_is_never_overwritten(tmp_path):
 def test_safe_cut_points():
     assert D.safe_cut("ab cd  ef") == 5 and D.safe_cut("ab cd  ef", lo=5) == 0
     assert D.safe_cut("abc") == 0 and D.safe_cut("  x") == 0 and D.safe_cut("x\n") == 1
-    pieces = list(D._text_pieces(["aaa", "bbb", " cc", "c dd"]))  # a run without spaces is carried
+    pieces = list(data_text._text_pieces(["aaa", "bbb", " cc", "c dd"]))  # a run without spaces is carried
     assert "".join(pieces) == "aaabbb ccc dd" and pieces[0] == "aaabbb"

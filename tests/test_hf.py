@@ -232,8 +232,8 @@ def test_save_pretrained_writes_a_tokenizer_autotokenizer_loads(tmp_path):
         assert hf_tok.decode(ours.encode(t)) == t
     assert hf_tok.eos_token_id == 50256 and hf_tok.model_max_length == 64
     # every id decodes to the same bytes (the vocabulary), and a longer text encodes the same (merges)
-    from gpt2_fast.data import DEFAULT_CORPUS, _read_text
-    text = _read_text(DEFAULT_CORPUS)[:20000]
+    from gpt2_fast.data import DEFAULT_CORPUS, read_text
+    text = read_text(DEFAULT_CORPUS)[:20000]
     assert hf_tok.encode(text) == ours.encode(text)
     byte_decoder = {c: b for b, c in __import__("gpt2_fast.tokenizer", fromlist=["x"]).bytes_to_unicode().items()}
     toks = hf_tok.convert_ids_to_tokens(list(range(50256)))
