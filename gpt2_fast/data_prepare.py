@@ -4,7 +4,9 @@ after success.
 `prepare` streams its inputs (gpt2_fast/data_text.py) into new shards (gpt2_fast/data_tokenize.py)
 written into a temporary folder inside the output folder; only when everything succeeded are they
 renamed into place, meta.json replaced, and the previous shards of that corpus removed. A failure
-or Ctrl-C before then leaves the previous shards and meta.json as they were. One folder holds one
+or Ctrl-C before then leaves the previous shards and meta.json as they were. A run killed outright
+(SIGKILL) leaves its temporary folder behind: the next `prepare` into that folder removes it once
+it proves the folder is a dead prepare's own (gpt2_fast/owned_tmpdir.py), and says so. One folder holds one
 corpus: preparing a second corpus into it is refused (prepare(..., replace=True) / --replace
 swaps it in).
 """
@@ -18,7 +20,6 @@ import re
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 from typing import Optional, Sequence
 
@@ -26,8 +27,11 @@ from .atomic import atomic_write
 from .data_shards import SHARD_NAME_RE, read_meta
 from .data_text import list_inputs
 from .data_tokenize import tokenize_files
+from .owned_tmpdir import make_owned_tmpdir, reclaim_abandoned
 
 DEFAULT_CORPUS = os.path.join(os.path.dirname(__file__), "data", "kjv.txt.gz")
+TMP_PREFIX = ".tmp-prepare-"  # the new shards' folder inside out_dir until they are swapped in
+TOOL = "gpt2-fast prepare"
 
 
 def prepare(inputs: Sequence[str], out_dir: str, name: Optional[str] = None, val_fraction: float = 0.05,
@@ -53,13 +57,14 @@ def prepare(inputs: Sequence[str], out_dir: str, name: Optional[str] = None, val
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"output {out_dir} exists and is not a folder")
     os.makedirs(out_dir, exist_ok=True)
+    reclaim_abandoned(out_dir, TMP_PREFIX, TOOL)  # the temp folders of killed runs (pid gone), only
     old_files = _previous_corpus(out_dir, name, replace)
-    tmp = tempfile.mkdtemp(prefix=".tmp-prepare-", dir=out_dir)
+    tmp = make_owned_tmpdir(out_dir, TMP_PREFIX, TOOL)
     try:
         meta = tokenize_files(files, tmp, name, val_fraction, shard_tokens, text_field, num_threads, progress)
         _swap_in(tmp, out_dir, meta, old_files)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # made in this run; empty after a successful swap
+        shutil.rmtree(tmp, ignore_errors=True)  # made in this run; after a swap only its owner file is left
     return meta
 
 

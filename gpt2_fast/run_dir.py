@@ -22,6 +22,7 @@ import time
 from typing import Optional
 
 from .atomic import atomic_write
+from .owned_tmpdir import pid_alive
 
 LOCK = ".lock"
 _RUN_FILE_RE = re.compile(r"^(ckpt_\d+\.pt|best\.pt|log\.jsonl|config\.json|loss\.png|tb|\.tmp-(ckpt_\d+|best)\.pt-.*)$")
@@ -102,16 +103,6 @@ def write_json(path: str, obj: dict) -> None:
 # the lock
 # ---------------------------------------------------------------------------------------------
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def _mtime(path: str) -> float:
     try:
         return os.path.getmtime(path)
@@ -142,7 +133,7 @@ class RunLock:
                     time.sleep(0.5)  # being written by a run that just took it
                     owner = self._owner() or {"pid": "?", "host": "?", "since": "just now"}
                 if owner is not None and (owner.get("host") != me["host"] or not isinstance(owner.get("pid"), int)
-                                          or _alive(owner["pid"])):
+                                          or pid_alive(owner["pid"])):
                     raise RunDirError(
                         f"run folder {os.path.dirname(self.path)} is in use by another training run "
                         f"(pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('since')}); "

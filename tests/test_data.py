@@ -3,12 +3,17 @@
 import gzip
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gpt2_fast import data as D
-from gpt2_fast import data_text, data_tokenize
+from gpt2_fast import data_prepare, data_text, data_tokenize, owned_tmpdir
 from gpt2_fast.tokenizer import EOT_TOKEN, get_tokenizer
 
 
@@ -250,6 +255,46 @@ def test_failed_prepare_keeps_the_previous_shards(tmp_path, monkeypatch, bad):
         D.prepare([str(src)], str(out), name="c", shard_tokens=2000, progress=False)
     assert _snapshot(out) == before  # same files, same bytes, no temp folder left
     assert D.shard_paths(str(out), "train")
+
+
+_KILLED_PREPARE = ("import os, signal, sys\n"
+                   "from gpt2_fast import data_prepare as P, owned_tmpdir\n"
+                   "path = owned_tmpdir.make_owned_tmpdir(sys.argv[1], P.TMP_PREFIX, P.TOOL)\n"
+                   "open(os.path.join(path, 'c_train_000000.bin'), 'wb').write(b'half a shard')\n"
+                   "print(path, flush=True)\n"
+                   "os.kill(os.getpid(), signal.SIGKILL)\n")
+
+
+def test_prepare_removes_only_a_killed_prepares_temp_folder(tmp_path, capsys):
+    """A SIGKILLed prepare leaves its temp folder; the next prepare into that folder removes it, and
+    only it: not a live process's, not another host's or tool's, not one without an owner file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.run([sys.executable, "-c", _KILLED_PREPARE, str(out)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    killed = proc.stdout.strip()
+    owner = json.loads((Path(killed) / owned_tmpdir.OWNER_FILE).read_text())
+    assert owner["pid"] != os.getpid() and not owned_tmpdir.pid_alive(owner["pid"])
+
+    def copy(name, **change):  # the killed run's folder with its owner file changed
+        path = out / (data_prepare.TMP_PREFIX + name)
+        shutil.copytree(killed, path)
+        (path / owned_tmpdir.OWNER_FILE).write_text(json.dumps(dict(owner, **change)))
+        return path
+    kept = [copy("me", pid=os.getpid()), copy("parent", pid=os.getppid()), copy("elsewhere", host="other-host"),
+            copy("other-ns", pid_ns="pid:[1]"), copy("other-tool", tool="someone else")]
+    foreign = out / (data_prepare.TMP_PREFIX + "no-owner")
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not ours")
+    capsys.readouterr()
+    D.prepare([str(_good_corpus(tmp_path))], str(out), name="c", shard_tokens=2000, progress=False)
+    err = capsys.readouterr().err
+    assert not os.path.exists(killed) and f"removed {killed}, left by an earlier gpt2-fast prepare" in err
+    assert all(sorted(os.listdir(p)) == [owned_tmpdir.OWNER_FILE, "c_train_000000.bin"] for p in kept)
+    assert (foreign / "notes.txt").read_text() == "not ours" and f"left alone: {foreign}" in err
+    hidden = sorted(n for n in os.listdir(out) if n.startswith("."))
+    assert hidden == sorted(p.name for p in kept + [foreign])  # this run's own temp folder is gone too
 
 
 def test_prepare_replaces_its_own_corpus_only_after_success(tmp_path):
