@@ -1,30 +1,29 @@
 """Compile every flash-attention kernel and autotune config for sm_90 (H100/H200) on a CPU machine.
 
 Triton's real front end, LLVM and ptxas run without a GPU: `compile_sm90(fn, ...)` builds one
-kernel for GPUTarget("cuda", 90, 32) and returns ptxas's registers and spill bytes and Triton's
-shared-memory size. The arguments are specialised as a launch at GPT-2 shapes would be
+kernel for GPUTarget("cuda", 90, 32) and returns its registers, stack and spill instructions read
+from the cubin and Triton's shared-memory size (kernels/_sm90.py: the target, the limit, the cubin
+reader and the per-version kernel cache, shared with tests/sm90_compile.py). The arguments are specialised as a launch at GPT-2 shapes would be
 (B16 H12 T1024 C768, q/k/v as strided views of the (B, T, 3C) c_attn output): head-dim strides
 of 1 become constants, pointers and other strides carry Triton's divisible-by-16 hint.
 
     python -m gpt2_fast.kernels.flash_attention_sm90 [--dtype bf16] [--head-dims 64,128,256]
 
-prints one row per (kernel, config, head dim): registers, spill stores/loads (bytes), shared
+prints one row per (kernel, config, head dim): registers, spill stores/loads (instructions), shared
 memory (bytes) beside flash_attention_smem's estimate, and whether it fits the 227 KB an sm_90
 block can have; "(fixed)" marks the config launched with GPT2_FAST_TRITON_AUTOTUNE=0. Exit 1 if
-a config the pruner keeps does not fit (or spills at D = 64, GPT-2's head dim), or if an
-estimate is below what Triton allocates.
+a config the pruner keeps does not fit (or spills or uses stack at D = 64, GPT-2's head dim), or
+if an estimate is below what Triton allocates.
 Run it without TRITON_INTERPRET (the import of the kernels decides interpreter configs).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import re
 import sys
 import time
 
-from .flash_attention_smem import SMEM_LIMIT, smem_estimate
+from ._sm90 import SMEM_LIMIT, compile_defaults, cuobjdump_path, gpu_target, read_cubin
+from .flash_attention_smem import smem_estimate
 _FP32_PTRS = {"LSE", "Delta", "DQacc"}
 _INTS = {"H", "Tq", "Tk", "D", "T_BUCKET_Q", "T_BUCKET_K"}
 _INTS_DIV16 = {"Tq", "Tk", "D"}  # 1024, 1024, 64 at GPT-2 shapes: a launch marks them divisible by 16
@@ -53,11 +52,10 @@ def _signature(fn, dt: str, const: dict) -> tuple[dict, dict]:
 
 
 def compile_sm90(fn, dt: str, const: dict, num_warps: int, num_stages: int, maxnreg=None) -> dict:
-    """Compile fn for sm_90 and return {regs, spill_st, spill_ld, smem, seconds}. Head-dim strides
-    (names ending in "d", e.g. stride_qd) are specialised to 1 as a contiguous last dim is."""
+    """Compile fn for sm_90 and return {regs, stack, spill_stores, spill_loads, smem, seconds} (the
+    resources read from the cubin, as tests/sm90_compile.py reads them). Head-dim strides (names
+    ending in "d", e.g. stride_qd) are specialised to 1 as a contiguous last dim is."""
     import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     const = dict(const)
@@ -66,24 +64,12 @@ def compile_sm90(fn, dt: str, const: dict, num_warps: int, num_stages: int, maxn
             const[a] = 1
     sig, attrs = _signature(fn, dt, const)
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
-    log = io.StringIO()
     t0 = time.time()
-    old = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
-    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
-    try:
-        with contextlib.redirect_stdout(log):
-            k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                               options={"num_warps": num_warps, "num_stages": num_stages,
-                                        **({"maxnreg": maxnreg} if maxnreg else {})})
-    finally:
-        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
-    text = log.getvalue()
-    regs = re.search(r"Used (\d+) registers", text)
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return {"regs": int(regs.group(1)) if regs else -1,
-            "spill_st": int(spills.group(1)) if spills else -1,
-            "spill_ld": int(spills.group(2)) if spills else -1,
-            "smem": int(k.metadata.shared), "seconds": time.time() - t0, "cubin": bool(k.asm.get("cubin"))}
+    k = triton.compile(src, target=gpu_target(),
+                       options={"num_warps": num_warps, "num_stages": num_stages,
+                                **({"maxnreg": maxnreg} if maxnreg else {})})
+    return {**read_cubin(k.asm["cubin"], cuobjdump_path()), "smem": int(k.metadata.shared),
+            "seconds": time.time() - t0}
 
 
 def attention_specs(D: int, dt: str = "bf16", causal: bool = True, dropout: bool = False):
@@ -145,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--fixed-only", action="store_true", help="only the config launched with autotuning off")
     args = p.parse_args(argv)
     bad = 0
+    compile_defaults()
     print(f"{'kernel / config':58s} {'D':>4s} {'regs':>5s} {'spill st/ld':>12s} {'smem':>7s} {'estimate':>8s}  "
           f"fits  pruner  s")
     for D in (int(x) for x in args.head_dims.split(",")):
@@ -161,10 +148,10 @@ def main(argv=None) -> int:
             fits = r["smem"] <= SMEM_LIMIT
             est = smem_estimate(family, const["BLOCK_M"], const["BLOCK_N"], BD, ns, 4 if args.dtype == "fp32" else 2) \
                 if family else 0
-            print(f"{label:58s} {D:4d} {r['regs']:5d} {r['spill_st']:5d}/{r['spill_ld']:<6d} {r['smem']:7d} {est:8d}  "
+            print(f"{label:58s} {D:4d} {r['regs']:5d} {r['spill_stores']:5d}/{r['spill_loads']:<6d} {r['smem']:7d} {est:8d}  "
                   f"{'yes' if fits else 'NO ':4s}  {'keep' if keep else 'drop':6s} {r['seconds']:.0f}", flush=True)
             under = family is not None and est < r["smem"]  # the pruner's estimate must not be low
-            spills = r["spill_st"] > 0 or r["spill_ld"] > 0
+            spills = r["spill_stores"] > 0 or r["spill_loads"] > 0 or r["stack"] > 0
             bad += under or (keep and (not fits or (spills and D == 64)))  # GPT-2's head dim: no spill
     return 1 if bad else 0
 

@@ -12,7 +12,9 @@ compiled once per config its own pruning keeps (what the autotuner would benchma
 So the specialisation, the constexprs and the configs are exactly those a GPU run would get.
 Resources come from the cubin: registers and stack frame (cuobjdump -res-usage), spill
 instructions (STL/LDL in the SASS; Triton kernels keep nothing else in local memory) and the
-dynamic shared memory Triton computed.
+dynamic shared memory Triton computed. The target, the 227 KB limit, the cubin reader and the
+compile environment are kernels/_sm90.py's, shared with kernels/flash_attention_sm90.py (which
+compiles every attention config, the pruned ones too, from hand-built signatures).
 
 Exit status 1 when a kernel fails to compile, spills, needs more than 227 KB of shared memory
 (an H100/H200 block's limit; a config that cannot fit must be pruned by the kernel's own code),
@@ -36,14 +38,12 @@ import sys
 
 os.environ.pop("TRITON_INTERPRET", None)   # before triton is imported: the real compiler
 os.environ.pop("GPT2_FAST_POISON", None)   # no NaN-filling of the (unused) outputs
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 = 3.6's default
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import importlib.util  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -52,8 +52,6 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from typing import Callable, Optional  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMEM_LIMIT = 227 * 1024          # max dynamic shared memory per block on sm_90 (H100/H200)
-TARGET = ("cuda", 90, 32)        # GPUTarget(backend, arch, warp size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,10 +69,18 @@ def _stub_package(name: str, path: str) -> None:
 
 def import_tree() -> None:
     """gpt2_fast -> ROOT/gpt2_fast (a bare package: submodules import, __init__ does not run),
-    gpt2_fast.kernels -> ROOT/kernels (as setup.py's package_dir maps it)."""
+    gpt2_fast.kernels -> ROOT/kernels (as setup.py's package_dir maps it); then the compile
+    environment of kernels/_sm90.py (FP fusion, the per-version kernel cache)."""
     _stub_package("gpt2_fast", os.path.join(ROOT, "gpt2_fast"))
     _stub_package("gpt2_fast.kernels", os.path.join(ROOT, "kernels"))
-    import gpt2_fast.kernels  # noqa: F401
+    sm90().compile_defaults()
+
+
+def sm90():
+    """kernels/_sm90.py: the sm_90 target, its shared-memory limit, the cubin reader; the same
+    that kernels/flash_attention_sm90.py uses (import_tree() first)."""
+    from gpt2_fast.kernels import _sm90
+    return _sm90
 
 
 def module(name: str):
@@ -91,8 +97,7 @@ class _Sm90Driver:
     """What JITFunction.run asks the active driver for while compiling (warmup=True)."""
 
     def __init__(self):
-        from triton.backends.compiler import GPUTarget
-        self.target = GPUTarget(*TARGET)
+        self.target = sm90().gpu_target()
 
     def get_current_target(self):
         return self.target
@@ -381,28 +386,6 @@ def _kernel_name(k) -> str:
     return k.__name__
 
 
-def cuobjdump_path() -> str:
-    import triton
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    for p in (bundled, shutil.which("cuobjdump"), "/usr/local/cuda/bin/cuobjdump"):
-        if p and os.access(p, os.X_OK):
-            return p
-    raise FileNotFoundError("no cuobjdump (triton's backends/nvidia/bin, PATH or /usr/local/cuda/bin)")
-
-
-def read_cubin(cubin: bytes, tool: str) -> dict:
-    """{regs, stack, spill_stores, spill_loads} of the one kernel in a cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    reg, stack = re.search(r"REG:(\d+)", res), re.search(r"STACK:(\d+)", res)
-    return {"regs": int(reg.group(1)) if reg else -1, "stack": int(stack.group(1)) if stack else -1,
-            "spill_stores": len(re.findall(r"\bSTL(?:\.\w+)*\s", sass)),
-            "spill_loads": len(re.findall(r"\bLDL(?:\.\w+)*\s", sass))}
-
-
 def compile_case(case: Case, dt: str, tool: str, seen: set) -> list[Row]:
     """Run the case's launcher with launches intercepted, then compile every recorded variant."""
     saved_env = {k: os.environ.get(k) for k in case.env}
@@ -442,12 +425,13 @@ def _compile_one(case, dt, fn, args, kwargs, tool, seen) -> Optional[Row]:
     seen.add(compiled.hash)
     md = compiled.metadata
     row = Row(case.name, dt, name, _config_label(kwargs, md), smem=int(md.shared), seconds=secs,
-              **read_cubin(compiled.asm["cubin"], tool))
+              **sm90().read_cubin(compiled.asm["cubin"], tool))
     problems = []
     if row.spill_stores or row.spill_loads or row.stack > 0:
         problems.append("SPILL")
-    if row.smem > SMEM_LIMIT:
-        problems.append(f"SMEM>{SMEM_LIMIT // 1024}KB")
+    limit = sm90().SMEM_LIMIT
+    if row.smem > limit:
+        problems.append(f"SMEM>{limit // 1024}KB")
     row.status = " ".join(problems) or "ok"
     row.allowed = case.allow if problems else ""
     return row
@@ -484,7 +468,7 @@ def select_cases(only: Optional[str], tier: int, shard: tuple[int, int],
 def run_cases(todo, verbose=True, progress: Optional[str] = None) -> list[Row]:
     """Compile every (case, dtype); with `progress`, the rows so far are rewritten there (JSON) after
     each case, so a run cut short by a timeout still leaves its table."""
-    tool = cuobjdump_path()
+    tool = sm90().cuobjdump_path()
     seen: set = set()
     rows: list[Row] = []
     for case, dt in todo:
@@ -563,8 +547,6 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", default="0/1", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import triton
-    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(
-        os.path.expanduser("~/.cache/gpt2_fast"), f"sm90-triton-{triton.__version__}"))
     import_tree()
     kernels = discover_kernels()
     shard = tuple(int(x) for x in args.shard.split("/"))
@@ -585,11 +567,11 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"target": "sm_90", "triton": triton.__version__, "torch": torch.__version__,
                        "git_sha": _git_sha(), "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "smem_limit": SMEM_LIMIT, "wall_s": round(wall, 1), "rows": [asdict(r) for r in rows],
+                       "smem_limit": sm90().SMEM_LIMIT, "wall_s": round(wall, 1), "rows": [asdict(r) for r in rows],
                        "uncovered": {k: kernels[k] for k in uncovered}}, f, indent=1)
     if args.no_table:
         return 1 if failed else 0
-    print(f"sm90_compile: triton {triton.__version__}, target sm_90 (GPUTarget{TARGET}), "
+    print(f"sm90_compile: triton {triton.__version__}, target sm_90 (GPUTarget{sm90().TARGET}), "
           f"{len(rows)} compiled kernels/configs in {wall:.0f} s")
     print(format_table(rows))
     for k in uncovered:

@@ -68,7 +68,7 @@ case = S.Case("spill", "gpt2_fast.poison", lambda m, dt: _spill_kernel[(1,)](
     torch.empty(64, 64, dtype=torch.float32), torch.empty(64, 64, dtype=torch.float32), BLOCK=64,
     num_warps=1, maxnreg=32), ("fp32",))
 S.import_tree()
-rows = S.compile_case(case, "fp32", S.cuobjdump_path(), set())
+rows = S.compile_case(case, "fp32", S.sm90().cuobjdump_path(), set())
 print(rows[0].status, rows[0].regs, rows[0].spill_stores)
 '''
 
