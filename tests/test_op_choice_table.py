@@ -71,6 +71,18 @@ def test_measured_attention_bwd_side_is_set_once(table, monkeypatch):
     assert fa.BWD_VARIANT == "triton_det"
 
 
+def test_info_reports_the_measured_attention_sides(table, monkeypatch):
+    from gpt2_fast import info
+    for env in ("GPT2_FAST_BACKEND", "GPT2_FAST_ATTN_FWD", "GPT2_FAST_ATTN_BWD"):
+        monkeypatch.delenv(env, raising=False)
+    table({"attention": {"backend": "sdpa", "measured": "bench/results/y.json"}})
+    assert "attention=sdpa (torch SDPA forward and backward)," in info.picks_line("cuda")
+    fa = pytest.importorskip("gpt2_fast.kernels.flash_attention")
+    monkeypatch.setattr(fa, "BWD_VARIANT", fa.BWD_VARIANT)             # restored after the test
+    table({"attention_bwd": {"backend": "sdpa", "measured": "bench/results/z.json"}})
+    assert "attention=triton (backward: sdpa)," in info.picks_line("cuda")
+
+
 @pytest.mark.parametrize("entry", [{"backend": "tensorrt", "measured": "f"}, "triton",
                                    {"backend": "sdpa", "measured": "f", "op": "layer_norm"}])
 def test_bad_table_is_one_clear_error(table, entry):
