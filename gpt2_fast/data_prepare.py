@@ -6,9 +6,9 @@ written into a temporary folder inside the output folder; only when everything s
 renamed into place, meta.json replaced, and the previous shards of that corpus removed. A failure
 or Ctrl-C before then leaves the previous shards and meta.json as they were. A run killed outright
 (SIGKILL) leaves its temporary folder behind: the next `prepare` into that folder removes it once
-it proves the folder is a dead prepare's own (gpt2_fast/owned_tmpdir.py), and says so. One folder holds one
-corpus: preparing a second corpus into it is refused (prepare(..., replace=True) / --replace
-swaps it in).
+the folder's owner file proves it a dead prepare's own (gpt2_fast/owned_tmpdir.py), and says so.
+One folder holds one corpus: preparing a second corpus into it is refused (prepare(...,
+replace=True) / --replace swaps it in).
 """
 from __future__ import annotations
 
