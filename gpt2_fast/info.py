@@ -88,4 +88,10 @@ def attention_pick(name: str, device_type: str) -> str:
     if name == "triton" and device_type == "cuda":  # its backward variant, fixed when dispatch resolved
         fa = importlib.import_module("gpt2_fast.kernels.flash_attention")
         return f"triton (backward: {fa.BWD_VARIANT})"
+    if name == "cuda" and device_type == "cuda":  # the extension's backward: the Triton op, else the reference
+        from .extension import resolve_triton_attention_bwd
+        if resolve_triton_attention_bwd() is None:
+            return "cuda (backward: torch reference, no usable Triton)"
+        fa = importlib.import_module("gpt2_fast.kernels.flash_attention")
+        return f"cuda (backward: triton {fa.BWD_VARIANT})"
     return name

@@ -3,9 +3,10 @@
 Triton's real front end, LLVM and ptxas run without a GPU: `compile_sm90(fn, ...)` builds one
 kernel for GPUTarget("cuda", 90, 32) and returns its registers, stack and spill instructions read
 from the cubin and Triton's shared-memory size (kernels/_sm90.py: the target, the limit, the cubin
-reader and the per-version kernel cache, shared with tests/sm90_compile.py). The arguments are specialised as a launch at GPT-2 shapes would be
-(B16 H12 T1024 C768, q/k/v as strided views of the (B, T, 3C) c_attn output): head-dim strides
-of 1 become constants, pointers and other strides carry Triton's divisible-by-16 hint.
+reader and the per-version kernel cache, shared with tests/sm90_compile.py). The arguments are
+specialised as a launch at GPT-2 shapes would be (B16 H12 T1024 C768, q/k/v as strided views of
+the (B, T, 3C) c_attn output): head-dim strides of 1 become constants, pointers and other strides
+carry Triton's divisible-by-16 hint.
 
     python -m gpt2_fast.kernels.flash_attention_sm90 [--dtype bf16] [--head-dims 64,128,256]
 
@@ -148,8 +149,9 @@ def main(argv=None) -> int:
             fits = r["smem"] <= SMEM_LIMIT
             est = smem_estimate(family, const["BLOCK_M"], const["BLOCK_N"], BD, ns, 4 if args.dtype == "fp32" else 2) \
                 if family else 0
-            print(f"{label:58s} {D:4d} {r['regs']:5d} {r['spill_stores']:5d}/{r['spill_loads']:<6d} {r['smem']:7d} {est:8d}  "
-                  f"{'yes' if fits else 'NO ':4s}  {'keep' if keep else 'drop':6s} {r['seconds']:.0f}", flush=True)
+            print(f"{label:58s} {D:4d} {r['regs']:5d} {r['spill_stores']:5d}/{r['spill_loads']:<6d} {r['smem']:7d} "
+                  f"{est:8d}  {'yes' if fits else 'NO ':4s}  {'keep' if keep else 'drop':6s} {r['seconds']:.0f}",
+                  flush=True)
             under = family is not None and est < r["smem"]  # the pruner's estimate must not be low
             spills = r["spill_stores"] > 0 or r["spill_loads"] > 0 or r["stack"] > 0
             bad += under or (keep and (not fits or (spills and D == 64)))  # GPT-2's head dim: no spill

@@ -36,6 +36,8 @@ def test_info_names_the_attention_that_runs(monkeypatch):
     assert re.search(r"attention=triton \(backward: (triton_det|triton_atomic|sdpa)\),", info.picks_line("cuda"))
     if extension.unavailable_reason("cpu") is None:
         assert "attention=cpp (with gradients: torch SDPA)," in info.picks_line("cpu")
+    cuda_ext = info.attention_pick("cuda", "cuda")  # the extension's attention: the Triton backward
+    assert re.fullmatch(r"cuda \(backward: triton (triton_det|triton_atomic|sdpa)\)", cuda_ext)
     monkeypatch.setenv("GPT2_FAST_BACKEND", "cuda")  # not runnable on CPU tensors: said, not raised
     assert "cuda picks: layer_norm=unavailable" in info.picks_line("cpu")
 
