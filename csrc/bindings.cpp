@@ -23,6 +23,8 @@ TORCH_LIBRARY(gpt2_fast, m) {
   m.def("cpu_gpt2_forward(Tensor idx, int start, Tensor? kv_start, Tensor[] globals, Tensor[] layers,"
         " Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, int n_head, int n_vocab, float eps, bool all_logits=False,"
         " int isa=-1, bool lowp_act=False) -> Tensor");
+  m.def("cpu_greedy_advance(Tensor logits, Tensor(a!) seq, Tensor(b!) pos, Tensor(c!) done, Tensor stop, int filler,"
+        " int eot) -> ()");
   m.def("lm_head_ce_fwd(Tensor h, Tensor weight, Tensor targets, int ignore_index, int vocab_size, bool need_grad)"
         " -> (Tensor, Tensor, Tensor)");
 }
@@ -37,6 +39,7 @@ TORCH_LIBRARY_IMPL(gpt2_fast, CPU, m) {
   m.impl("decode_attention_fwd", &gpt2_fast::decode_attention_fwd_cpu);
   m.impl("cpu_linear", &gpt2_fast::cpu_linear);
   m.impl("cpu_gpt2_forward", &gpt2_fast::cpu_gpt2_forward);
+  m.impl("cpu_greedy_advance", &gpt2_fast::cpu_greedy_advance);
   m.impl("lm_head_ce_fwd", &gpt2_fast::lm_head_ce_fwd_cpu);
 }
 

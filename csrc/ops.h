@@ -43,6 +43,10 @@ std::string cpu_isa(int64_t isa);
 Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_start, at::TensorList globals,
                         at::TensorList layers, at::TensorList k_caches, at::TensorList v_caches, int64_t n_head,
                         int64_t n_vocab, double eps, bool all_logits, int64_t isa, bool lowp_act);
+// the end of a greedy CPU decode step (csrc/cpu/greedy_advance.cpp): per row, nxt = done ? filler :
+// argmax(logits (B, V) fp32); seq[b, pos + 1] = nxt; done |= nxt == eot & stop ((1,) or (B,)); pos += 1
+void cpu_greedy_advance(const Tensor& logits, const Tensor& seq, const Tensor& pos, const Tensor& done,
+                        const Tensor& stop, int64_t filler, int64_t eot);
 // CPU training (csrc/cpu/lm_head_loss.cpp): the LM head + cross-entropy of h (N, C) and the tied
 // weight (Vp, C) over vocab [0, vocab_size) -> (mean loss fp32 scalar, dL/dh (N, C) fp32,
 // dL/dW (Vp, C) fp32); the gradients only with need_grad (else empty)

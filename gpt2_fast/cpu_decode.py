@@ -116,6 +116,16 @@ class CpuDecoder:
                             *_linear_tensors(b.attn.c_proj), _f32(b.ln_2.weight), _f32(b.ln_2.bias),
                             *_linear_tensors(b.mlp.c_fc), *_linear_tensors(b.mlp.c_proj)]
         self.n_head, self.vocab, self.eps = cfg.n_head, cfg.vocab_size, cfg.layer_norm_epsilon
+        self._attn = [b.attn for b in t.h]
+        self._advance = _op("cpu_greedy_advance")
+        self.has_advance = self._advance is not None  # False only with an extension built before it
+
+    def advance_greedy(self, logits: Tensor, seq: Tensor, pos: Tensor, done: Tensor, stop: Tensor,
+                       filler: int, eot: int) -> None:
+        """The rest of a greedy engine step in one call (csrc/cpu/greedy_advance.cpp): per row
+        nxt = filler if done else argmax(logits); seq[:, pos + 1] = nxt; done |= (nxt == eot) & stop;
+        pos += 1. The same values as the ATen ops it replaces (torch.argmax's tie and NaN rules)."""
+        self._advance(logits, seq, pos, done, stop, filler, eot)
 
     def _identity(self) -> tuple:
         m, cache = self.model, self._cache_ptrs()  # once: per tensor it cost ~30 ms a generate call (gpt2)
@@ -134,9 +144,11 @@ class CpuDecoder:
         """idx (B, T) int64 at cache slots [start, start + T) (kv_start (B,): padding slots per row)
         -> fp32 logits (B, vocab) of the last position, or (B, T, vocab) with all_logits. Uses and
         fills the model's KV cache (model.setup_cache(..., dtype=torch.float32) first)."""
-        h = self.model.transformer.h
-        kc = [b.attn.kv_cache.k_cache for b in h]
-        vc = [b.attn.kv_cache.v_cache for b in h]
+        # the module dicts, not attribute access: nn.Module.__getattr__ on 24 modules and 24 buffers ran
+        # cold after every step's weight stream (~100 us a token, 1% of an int8 step)
+        caches = [a._modules["kv_cache"] for a in self._attn]
+        kc = [c._buffers["k_cache"] for c in caches]
+        vc = [c._buffers["v_cache"] for c in caches]
         return self._op(idx.contiguous(), start, kv_start, self.globals, self.layers, kc, vc, self.n_head,
                         self.vocab, self.eps, all_logits, self.isa, self.lowp_act)
 

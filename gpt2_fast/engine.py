@@ -265,6 +265,8 @@ class Engine:
         tok = buf.seq.index_select(1, pos)                                   # (Bb, 1)
         if self._cpu is not None:  # live is the host-known slot count on CPU: the input sits at live - 1
             logits = self._cpu.forward(tok, live - 1, buf.kv_start)          # (Bb, V)
+            if mode.greedy and self._cpu.has_advance:  # the lines below in one C++ call (cold after the weights)
+                return self._cpu.advance_greedy(logits, buf.seq, pos, buf.done, buf.stop, self._filler, EOT_TOKEN)
         else:
             logits = self.model.forward_cached(tok, pos, buf.kv_start, live=live)[:, -1]  # (Bb, V)
         nxt = sample_on_device(logits, mode, buf.temperature, buf.top_p, buf.seed, pos)
