@@ -103,6 +103,29 @@ def test_fused_logits_equal_python_forward(model, kind):
         torch.testing.assert_close(step, ref[:, -1], rtol=1e-4, atol=1e-3 if kind != "fp32" else 2e-4)
 
 
+def test_head_dim_64_attention_on_every_isa_over_long_and_ragged_caches(monkeypatch):
+    """head_dim 64, every GPT-2 size's (the AVX-512 attention path, csrc/cpu/attend_row.cpp; the
+    fixture's head_dim is 16): decode steps over 41..46 live slots (the 4-slot loop, its tail and
+    the prefetch distance) equal the Python forward on each ISA, and a ragged left-padded batch
+    (kv_start > 0) gives the Python engine's tokens."""
+    torch.manual_seed(3)
+    m = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=128, vocab_size=500, block_size=64)).eval()
+    with torch.no_grad():
+        lively(m, 100.0)
+        idx = torch.randint(0, 500, (2, 46), generator=torch.Generator().manual_seed(4))
+        ref = m(idx)[0]                                  # (2, 46, V)
+    for isa in runnable_isas():
+        m.setup_cache(2, 46, dtype=torch.float32)
+        dec = CpuDecoder(m, isa=isa, lowp_act=False)
+        dec.forward(idx[:, :40], 0)
+        for t in range(40, 46):
+            torch.testing.assert_close(dec.forward(idx[:, t:t + 1], t), ref[:, t], rtol=1e-4, atol=2e-4)
+    prompts = [list(range(3, 40)), [7, 8, 9], list(range(100, 117))]
+    got = tokens(Engine(m), prompts, 8)
+    monkeypatch.setenv("GPT2_FAST_CPU_FUSED", "0")
+    assert tokens(Engine(m), prompts, 8) == got
+
+
 def test_fused_forward_rejects_bad_inputs(model):
     m = copy.deepcopy(model)
     m.setup_cache(1, 8, dtype=torch.float32)

@@ -41,6 +41,7 @@
 
 #include "../common.h"
 #include "../ops.h"
+#include "attend_row.h"
 #include "cpu_math.h"
 #include "gemv.h"
 #include "work_phase.h"
@@ -76,44 +77,6 @@ GPT2F_CLONES static void gelu_inplace(float* __restrict y, int64_t n) {
     const float u = y[i];
     y[i] = 0.5f * u * (1.f + tanh_f32(kGeluK0 * (u + kGeluK1 * u * u * u)));
   }
-}
-
-// Attention over one query's live slots, a call per query and not per slot (a call per slot
-// through the clones' dispatch cost ~6% of an int8 decode step):
-// p[j] = scale * q . K[j] for j in [j0, j1); returns max_j p[j]
-GPT2F_CLONES static float attn_scores(const float* __restrict q, const float* __restrict K, int64_t j0, int64_t j1,
-                                      int64_t D, float scale, float* __restrict p) {
-  float mx = -INFINITY;
-  for (int64_t j = j0; j < j1; ++j) {
-    const float* k = K + j * D;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < D; ++i) s += q[i] * k[i];
-    p[j] = s * scale;
-    mx = std::max(mx, p[j]);
-  }
-  return mx;
-}
-
-// o = sum_j (p[j] * inv) V[j] over [j0, j1)
-GPT2F_CLONES static void attn_values(const float* __restrict p, float inv, const float* __restrict V, int64_t j0,
-                                     int64_t j1, int64_t D, float* __restrict o) {
-  for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
-  for (int64_t j = j0; j < j1; ++j) {
-    const float w = p[j] * inv, *v = V + j * D;
-#pragma omp simd
-    for (int64_t i = 0; i < D; ++i) o[i] += w * v[i];
-  }
-}
-
-GPT2F_CLONES static void exp_shift(float* __restrict s, int64_t n, float mx, float* sum_out) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) {
-    s[i] = exp_f32(s[i] - mx);
-    sum += s[i];
-  }
-  *sum_out = sum;
 }
 
 // ------------------------------------------------------------------------------------------
@@ -165,7 +128,7 @@ static void embed_rows(const Tensor& wte, const float* scale, const int64_t* ids
 // row b, head h: write k, v of its T new positions into the caches, then attend each of them over
 // the live slots [kv_start[b], slot] (causal). p: scratch of S floats.
 static void attend_pair(const float* qkv, float* out, float* kc, float* vc, const Shape& s, int64_t b, int64_t h,
-                        float* p) {
+                        float* p, bool avx512) {
   const int64_t C = s.C, D = s.D, T = s.T;
   float* K = kc + (b * s.H + h) * s.S * D;
   float* V = vc + (b * s.H + h) * s.S * D;
@@ -174,14 +137,9 @@ static void attend_pair(const float* qkv, float* out, float* kc, float* vc, cons
     std::memcpy(K + (s.start + t) * D, row + C + h * D, sizeof(float) * D);
     std::memcpy(V + (s.start + t) * D, row + 2 * C + h * D, sizeof(float) * D);
   }
-  const float scale = 1.f / std::sqrt(static_cast<float>(D));
   for (int64_t t = 0; t < T; ++t) {
-    const float* q = qkv + (b * T + t) * 3 * C + h * D;
     const int64_t j0 = std::min(s.ks[b], s.start + t), j1 = s.start + t + 1;  // live slots
-    const float mx = attn_scores(q, K, j0, j1, D, scale, p);
-    float sum = 0.f;
-    exp_shift(p + j0, j1 - j0, mx, &sum);
-    attn_values(p, 1.f / sum, V, j0, j1, D, out + (b * T + t) * C + h * D);
+    attend_row(qkv + (b * T + t) * 3 * C + h * D, K, V, j0, j1, D, p, out + (b * T + t) * C + h * D, avx512);
   }
 }
 
@@ -247,7 +205,7 @@ static void run_layer_gemm(const LayerPlan& P, float* x, float* h, float* qkv, f
   lin(P.qkv, h, M, qkv, false, isa, lowp);
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(s.S);
-    for (int64_t i = i0; i < i1; ++i) attend_pair(qkv, att, P.kc, P.vc, s, i / s.H, i % s.H, p.data());
+    for (int64_t i = i0; i < i1; ++i) attend_pair(qkv, att, P.kc, P.vc, s, i / s.H, i % s.H, p.data(), isa == Isa::Avx512);
   });
   lin(P.ao, att, M, x, true, isa, lowp);
   for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l2w, P.l2b, h + m * C, C, eps);
@@ -305,12 +263,12 @@ static void layer_small(const LayerPlan& P, float* x, float* qkv, float* att, fl
   if (D % gemv_unit(P.qkv.w) == 0) {  // a chunk = a head: its q, k, v columns, cache write, attention
     ph[0].run(static_cast<int32_t>(H), c.who, ln1, [&](int32_t hh) {
       for (int64_t sec = 0; sec < 3; ++sec) gemv_cols(g, sec * C + hh * D, sec * C + (hh + 1) * D);
-      for (int64_t b = 0; b < s.B; ++b) attend_pair(qkv, att, P.kc, P.vc, s, b, hh, c.p.data());
+      for (int64_t b = 0; b < s.B; ++b) attend_pair(qkv, att, P.kc, P.vc, s, b, hh, c.p.data(), c.isa == Isa::Avx512);
     });
   } else {  // QKV columns, then (row, head) pairs
     gemv_phase(ph[0], c, P.qkv.w, g, ln1, none);
     ph[4].run(static_cast<int32_t>(s.B * H), c.who, [] {},
-              [&](int32_t i) { attend_pair(qkv, att, P.kc, P.vc, s, i / H, i % H, c.p.data()); });
+              [&](int32_t i) { attend_pair(qkv, att, P.kc, P.vc, s, i / H, i % H, c.p.data(), c.isa == Isa::Avx512); });
   }
   gemv_phase(ph[1], c, P.ao.w, g, [&] { g = c.gemv(P.ao, att, M, x, true); }, none);
   auto ln2 = [&] {
