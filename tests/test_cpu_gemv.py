@@ -141,7 +141,7 @@ def test_lowp_activations_vs_float64_of_the_rounded_x(dtype, flag):
     if 2 not in runnable_isas() or flag not in FLAGS or "avx512bw" not in FLAGS:
         pytest.skip(f"needs AVX-512 with {flag}")
     g = torch.Generator().manual_seed(11)
-    for M, N, K in [(1, 1, 1), (1, 37, 64), (3, 100, 300), (8, 77, 129), (4, 64, 768)]:
+    for M, N, K in [(1, 1, 1), (1, 37, 64), (1, 50, 200), (1, 333, 3072), (3, 100, 300), (8, 77, 129), (4, 64, 768)]:
         w, scale = make_weight(N, K, dtype, "nk", g)
         x = torch.randn(M, K, generator=g) * 3
         bias = torch.randn(N, generator=g)
