@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/cpu_decode_peers.py [--config gpt2] [--prompt-len 32] [--new-tokens 128]
         [--reps 5] [--threads 1,2] [--engines ours_fp32,ours_bf16,ours_int8,ort_fp32,ort_int8,ct2_fp32,ct2_int8]
-        [--out bench/results/cpu-decode-peers.json]
+        [--out NEW.json]   (default: bench/results/cpu-decode-peers-<UTC date-time>-cpu.json, never overwritten)
 
 One set of random gpt2 weights (seed 0) is saved with save_pretrained; every engine loads it from
 that folder: ours with GPT.from_pretrained; ONNX Runtime from a decoder with past key values that
@@ -238,7 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", default="1,2")
     p.add_argument("--engines", default=",".join(ENGINES))
-    p.add_argument("--out", default=os.path.join(HERE, "results", "cpu-decode-peers.json"))
+    p.add_argument("--out", default=None, help="the JSON to write (a new file; default: "
+                   "bench/results/cpu-decode-peers-<date>-cpu.json); the PNG goes beside it")
     p.add_argument("--keep", default=None, help="a folder for the weights and the peers' exports, reused "
                                                  "when it already has them (default: a temporary one)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -255,6 +256,8 @@ def main(argv=None) -> int:
     if bad:
         p.error(f"unknown engines {bad}; expected some of {','.join(ENGINES)}")
     threads = [int(t) for t in args.threads.split(",")]
+    if args.out and os.path.exists(args.out):  # results of another run: never overwritten
+        p.error(f"--out {args.out} exists; expected a new file name (or no --out: a dated one)")
     return drive(args, engines, threads)
 
 
@@ -262,7 +265,7 @@ def drive(args, engines, threads) -> int:
     sys.path.insert(0, ROOT)
     import torch
     from gpt2_fast import GPT, GPTConfig
-    from gpt2_fast.benchmarks.common import stamp, write_json
+    from gpt2_fast.benchmarks.common import result_path, stamp, write_json
     load_before = open("/proc/loadavg").read().split()[:3]
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or tmp
@@ -289,6 +292,7 @@ def drive(args, engines, threads) -> int:
     load_after = open("/proc/loadavg").read().split()[:3]
     report(results, pairs, threads, bw, wbytes, skipped, load_before, load_after, args)
     st = stamp(torch.device("cpu"))
+    args.out = args.out or result_path(os.path.join(HERE, "results"), "cpu-decode-peers", st, "json")
     write_json(args.out, dict(stamp=st, machine=machine(), config=args.config,
                               prompt_len=args.prompt_len, new_tokens=args.new_tokens, reps=args.reps,
                               load_before=load_before, load_after=load_after, copy_bandwidth_gbs=bw,

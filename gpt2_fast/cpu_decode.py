@@ -128,12 +128,10 @@ class CpuDecoder:
         self._advance(logits, seq, pos, done, stop, filler, eot)
 
     def _identity(self) -> tuple:
-        m, cache = self.model, self._cache_ptrs()  # once: per tensor it cost ~30 ms a generate call (gpt2)
-        return tuple((t.data_ptr(), t.dtype) for t in (*m.parameters(), *m.buffers()) if t.data_ptr() not in cache)
-
-    def _cache_ptrs(self) -> set:
-        return {c.data_ptr() for b in self.model.transformer.h if b.attn.kv_cache is not None
-                for c in (b.attn.kv_cache.k_cache, b.attn.kv_cache.v_cache)}
+        """The model's tensors but its KV caches (they are read per call, not packed)."""
+        from .identity import tensor_identity, walk_modules
+        from .model import KVCache
+        return tensor_identity(walk_modules(self.model), skip=(KVCache,))
 
     def fresh(self) -> bool:
         """True while the model holds the very tensors packed here."""

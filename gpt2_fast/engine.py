@@ -47,6 +47,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
+from .identity import tensor_identity, walk_modules
 from .tokenizer import EOT_TOKEN
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -242,9 +243,9 @@ class Engine:
             self._cpu = cpu_decoder_for(m, self._cpu) if cpu_step else None
             if not ok:
                 m.setup_cache(max(bucket, m.max_batch_size), max(cache_len, m.max_seq_len), dtype=dtype)
-            identity = (tuple(t.data_ptr() for t in itertools.chain(m.parameters(), m.buffers())),
-                        tuple(b.attn.kv_cache.k_cache.data_ptr() for b in m.transformer.h),
-                        tuple(getattr(b, "backend", None) for b in m.modules()), dtype, str(self.device))
+            mods = walk_modules(m)
+            identity = (tensor_identity(mods), tuple(getattr(b, "backend", None) for b in mods), dtype,
+                        str(self.device))  # the caches are buffers: a new cache changes it too
             if identity != self._identity:  # new weights, cache or backend: old graphs are stale
                 self._buffers.clear()
                 self.extra_graphs.clear()
