@@ -138,6 +138,25 @@ def test_fused_forward_rejects_bad_inputs(model):
         CpuDecoder(copy.deepcopy(model).half())
 
 
+def test_bf16_prefill_through_the_bf16_gemm_stays_close(model):
+    """A bf16 model's prefill beyond the GEMV's 8 rows with bf16 activations runs oneDNN's bf16 GEMM
+    (gemv.cpp's linear; a bf16 result): all its logits and the next decode step stay close to the
+    Python model on the same bf16 weights in fp32, like the fp32-activation path."""
+    m = copy.deepcopy(model).to(torch.bfloat16)
+    ref_model = copy.deepcopy(m).float()
+    idx = torch.randint(0, 2000, (2, 21), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = ref_model(idx)[0]
+    for lowp in (True, False):
+        m.setup_cache(2, 21, dtype=torch.float32)
+        dec = CpuDecoder(m, lowp_act=lowp)
+        got = dec.forward(idx[:, :20], 0, all_logits=True)
+        step = dec.forward(idx[:, 20:], 20)
+        tol = ref.abs().max() * (0.02 if lowp else 1e-4)  # measured: 0.8% and 7e-7 of the largest logit
+        assert (got - ref[:, :20]).abs().max() <= tol, lowp
+        assert (step - ref[:, 20]).abs().max() <= tol, lowp
+
+
 @pytest.mark.parametrize("kind", ["bf16", "int8"])
 def test_lowp_activations_stay_close_to_weight_only(model, kind, monkeypatch):
     monkeypatch.delenv("GPT2_FAST_CPU_LOWP_ACT", raising=False)

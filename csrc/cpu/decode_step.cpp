@@ -183,13 +183,17 @@ static LayerPlan make_plan(at::TensorList L, const Tensor& kc, const Tensor& vc,
 // tokens ~70 vs ~95 ms with a dequantized copy + GEMM, one thread, here). fp32 weights go to
 // ATen's GEMM beyond kGemvMaxRows: MKL's fp32 kernel beats ours there (~86 vs ~100 ms).
 // GPT2_FAST_CPU_REGION_ROWS overrides the limit (A/B runs).
-static int64_t region_max_rows(c10::ScalarType weight_dtype) {
+// fp32 weights and bf16 ones with bf16 activations: ATen's GEMM beyond the GEMV's rows (MKL sgemm; oneDNN's
+// bf16 GEMM on AMX / AVX512-BF16: a 32-token bf16 prefill 36-38 vs 89-103 ms in the region, one thread);
+// int8 and bf16 with fp32 activations: the region's GEMV kernels up to 64 rows (ATen has no such GEMM)
+static int64_t region_max_rows(const WeightView& w, Isa isa, bool lowp) {
   static const int64_t env = [] {
     const char* v = std::getenv("GPT2_FAST_CPU_REGION_ROWS");
     return v && *v ? std::atoll(v) : int64_t{-1};
   }();
   if (env >= 0) return env;
-  return weight_dtype == at::kFloat ? kGemvMaxRows : 64;
+  const bool gemm = w.dtype == at::kFloat || (w.dtype == at::kBFloat16 && lowp_applies(w, isa, lowp));
+  return gemm ? kGemvMaxRows : 64;
 }
 
 // ---- more than region_max_rows() rows (prefill): op by op, ATen GEMM, parallel inside each op ----
@@ -420,7 +424,7 @@ Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_st
   } else {
     embed_rows<c10::BFloat16>(wte, nullptr, ids, wpe, s, x.data());
   }
-  if (M <= region_max_rows(plans.empty() ? lm.w.dtype : plans[0].qkv.w.dtype)) {
+  if (M <= region_max_rows(plans.empty() ? lm.w : plans[0].qkv.w, is, lowp_act)) {
     forward_small(plans, lm, lw, lb, x.data(), s, e, is, lowp_act, logits.data_ptr<float>(), all_logits);
   } else {
     std::vector<float> h(M * C), qkv(M * 3 * C), att(M * C), f(M * F);
