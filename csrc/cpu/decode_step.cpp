@@ -192,7 +192,7 @@ static int64_t region_max_rows(const WeightView& w, Isa isa, bool lowp) {
     return v && *v ? std::atoll(v) : int64_t{-1};
   }();
   if (env >= 0) return env;
-  const bool gemm = w.dtype == at::kFloat || (w.dtype == at::kBFloat16 && lowp_applies(w, isa, lowp));
+  const bool gemm = w.dtype == at::kFloat || (w.dtype != at::kFloat && lowp_applies(w, isa, lowp));
   return gemm ? kGemvMaxRows : 64;
 }
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/_int_mm.h>
 #include <ATen/ops/addmm.h>
 
 #include "../common.h"
@@ -532,6 +533,14 @@ void linear(const float* x, int64_t M, int64_t ldx, const Tensor& weight, const 
     // AVX512-BF16, fp32 accumulation, a bf16 result): 32 rows x 768 x 768..3072 ran ~2.6x faster than
     // the fp32 GEMM; a 32-token bf16 prefill 36-38 ms vs 89-103 with the GEMV kernels (one thread)
     out = at::mm(xt.to(at::kBFloat16), weight.t()).to(at::kFloat);  // (M, N)
+    nk = false;
+  } else if (weight.scalar_type() == at::kChar && !w.kn && lowp_applies(w, isa, lowp_act)) {
+    // W8A8 in ATen's int8 GEMM (oneDNN; AMX-INT8 here): x rounded to int8 per row, symmetric (scale
+    // amax / 127: 8 bits with the sign, as ONNX Runtime's and CTranslate2's int8 prefill; the decode
+    // kernels keep 8 bits per sign), exact int32 sums, the row scale here, the weight's in the epilogue
+    const Tensor xs = xt.abs().amax(1, true).clamp_min(1e-30).div(127.0);
+    const Tensor xq = xt.div(xs).round().clamp(-127, 127).to(at::kChar);
+    out = at::_int_mm(xq, weight.t()).to(at::kFloat).mul(xs);  // (M, N)
     nk = false;
   } else {
     Tensor wf = weight.scalar_type() == at::kFloat ? weight : weight.to(at::kFloat);
