@@ -5,7 +5,8 @@ On CPU a decode step of the Python model issues ~1,100 small ops (~15 ms of disp
 attention over the live cache -> projection + residual -> LN -> fc + GELU -> projection + residual),
 the final LN and the LM head of the last position in C++, with the small-batch GEMV kernels of
 csrc/cpu/gemv.cpp (fp32 / bf16 / int8 weights read in place, fp32 activations) for up to 8 rows and
-ATen's GEMM beyond (prefill). The engine (gpt2_fast/engine.py) uses it on CPU for the prefill and
+ATen's GEMM beyond (prefill: MKL's sgemm for fp32; with low-precision activations oneDNN's bf16 GEMM
+for bf16 weights and its int8 GEMM, x as symmetric int8 per row, for int8 weights). The engine (gpt2_fast/engine.py) uses it on CPU for the prefill and
 every step, and samples from the logits it returns as before.
 
 Weights are read where the model keeps them, no copy: nn.Linear weights in either layout
