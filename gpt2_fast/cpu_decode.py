@@ -13,7 +13,7 @@ Weights are read where the model keeps them, no copy: nn.Linear weights in eithe
 (the engine's (in, out)-major cpu_layout or nn.Linear's own), Int8Linear's int8 weight + scales
 (gpt2_fast/quant.py), the tied embedding as the LM head. Only small tensors (biases, LayerNorm,
 positions) are passed as fp32 (copies only for a bf16 model: a few MB). The KV cache is the
-model's own static cache, kept fp32.
+model's own static cache: fp32, or bf16 for low-precision-activation models (kv_cache_dtype).
 
 GPT2_FAST_CPU_FUSED=0 turns it off (the engine then runs the Python step);
 GPT2_FAST_CPU_ISA=portable|avx2|avx512 caps the kernels' instruction set;
@@ -97,12 +97,7 @@ class CpuDecoder:
         if why is not None:
             raise ValueError(f"CpuDecoder: {why}")
         self.model, self.isa = model, isa
-        if lowp_act is None:
-            env = os.environ.get("GPT2_FAST_CPU_LOWP_ACT", "1")
-            if env not in ("0", "1"):
-                raise ValueError(f"GPT2_FAST_CPU_LOWP_ACT must be 0 or 1, got {env!r}")
-            lowp_act = env == "1"
-        self.lowp_act = bool(lowp_act)
+        self.lowp_act = _lowp_from_env() if lowp_act is None else bool(lowp_act)
         self._op = _op("cpu_gpt2_forward")
         self._key = self._identity()
         t, cfg = model.transformer, model.config
@@ -150,6 +145,30 @@ class CpuDecoder:
         vc = [c._buffers["v_cache"] for c in caches]
         return self._op(idx.contiguous(), start, kv_start, self.globals, self.layers, kc, vc, self.n_head,
                         self.vocab, self.eps, all_logits, self.isa, self.lowp_act)
+
+
+def _lowp_from_env() -> bool:
+    env = os.environ.get("GPT2_FAST_CPU_LOWP_ACT", "1")
+    if env not in ("0", "1"):
+        raise ValueError(f"GPT2_FAST_CPU_LOWP_ACT must be 0 or 1, got {env!r}")
+    return env == "1"
+
+
+def kv_cache_dtype(model, lowp_act: Optional[bool] = None) -> torch.dtype:
+    """The KV cache dtype the engine gives cpu_gpt2_forward: bf16 for a model with low-precision
+    activations (int8 or bf16 weights, lowp_act on: the default), which halves the bytes attention
+    reads per token (x0.5 attention time at long contexts); fp32 otherwise (fp32 models stay exact).
+    GPT2_FAST_CPU_KV=fp32|bf16 forces one."""
+    env = os.environ.get("GPT2_FAST_CPU_KV", "")
+    if env not in ("", "fp32", "bf16"):
+        raise ValueError(f"GPT2_FAST_CPU_KV must be fp32 or bf16, got {env!r}")
+    if env:
+        return torch.bfloat16 if env == "bf16" else torch.float32
+    from .quant import Int8Linear
+    lowp_weights = model.transformer.wte.weight.dtype == torch.bfloat16 or any(
+        isinstance(mod, Int8Linear) for mod in (model.lm_head, model.transformer.h[0].attn.c_attn))
+    lowp = _lowp_from_env() if lowp_act is None else lowp_act
+    return torch.bfloat16 if lowp and lowp_weights else torch.float32
 
 
 def cpu_decoder_for(model, previous: Optional[CpuDecoder] = None) -> Optional[CpuDecoder]:

@@ -230,10 +230,10 @@ class Engine:
             raise ValueError(f"KV cache overflow: this generation needs {needed} cache slots (prompt + "
                              f"max_new_tokens - 1) but the engine's cache holds max_seq_len={cache_len}")
         from .choices import choice
-        from .cpu_decode import cpu_decoder_for, unsupported_reason
+        from .cpu_decode import cpu_decoder_for, kv_cache_dtype, unsupported_reason
         cpu_step = self.device.type == "cpu" and (self._requested_step or choice("decode_step")) != "fused" \
             and unsupported_reason(m) is None  # CPU: the whole forward in one C++ call (cpu_decode.py)
-        dtype = torch.float32 if cpu_step else m.transformer.wte.weight.dtype  # the C++ step's cache: fp32
+        dtype = kv_cache_dtype(m) if cpu_step else m.transformer.wte.weight.dtype  # the C++ step's: fp32 / bf16
         cache = getattr(m.transformer.h[0].attn, "kv_cache", None)
         ok = (cache is not None and m.max_batch_size >= bucket and m.max_seq_len >= cache_len and
               cache.k_cache.dtype == dtype and cache.k_cache.device == self.device)

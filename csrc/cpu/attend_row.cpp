@@ -13,10 +13,13 @@
 //    pass reads V from cache; the first slots before the loop): the cache of a head was evicted by
 //    the step's weight stream, and its rows are only a few KiB per head, too short for the hardware
 //    prefetcher to ramp up.
+// The cache holds fp32 or bf16 (uint16_t bits, widened in registers: a shift); bf16 halves the bytes
+// attention reads per token (cpu_decode.py keeps it in bf16 for low-precision-activation models).
 #include "attend_row.h"
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -32,27 +35,38 @@ namespace {
 
 constexpr int64_t kPrefetchSlots = 16;
 
-GPT2F_CLONES float scores_generic(const float* __restrict q, const float* __restrict K, int64_t j0, int64_t j1,
+GPT2F_INLINE float kv_f32(float v) { return v; }
+GPT2F_INLINE float kv_f32(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <typename T>
+GPT2F_CLONES float scores_generic(const float* __restrict q, const T* __restrict K, int64_t j0, int64_t j1,
                                   int64_t D, float scale, float* __restrict p) {
   float mx = -INFINITY;
   for (int64_t j = j0; j < j1; ++j) {
-    const float* k = K + j * D;
+    const T* k = K + j * D;
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < D; ++i) s += q[i] * k[i];
+    for (int64_t i = 0; i < D; ++i) s += q[i] * kv_f32(k[i]);
     p[j] = s * scale;
     mx = std::max(mx, p[j]);
   }
   return mx;
 }
 
-GPT2F_CLONES void values_generic(const float* __restrict p, float inv, const float* __restrict V, int64_t j0,
+template <typename T>
+GPT2F_CLONES void values_generic(const float* __restrict p, float inv, const T* __restrict V, int64_t j0,
                                  int64_t j1, int64_t D, float* __restrict o) {
   for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
   for (int64_t j = j0; j < j1; ++j) {
-    const float w = p[j] * inv, *v = V + j * D;
+    const float w = p[j] * inv;
+    const T* v = V + j * D;
 #pragma omp simd
-    for (int64_t i = 0; i < D; ++i) o[i] += w * v[i];
+    for (int64_t i = 0; i < D; ++i) o[i] += w * kv_f32(v[i]);
   }
 }
 
@@ -70,19 +84,29 @@ GPT2F_CLONES void exp_shift(float* __restrict s, int64_t n, float mx, float* sum
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 
-GPT2F_INLINE void prefetch_row64(const float* r) {
-  for (int i = 0; i < 64; i += 16) _mm_prefetch(reinterpret_cast<const char*>(r + i), _MM_HINT_T0);
+template <typename T>
+GPT2F_INLINE void prefetch_row64(const T* r) {
+  for (int i = 0; i < 64; i += 64 / static_cast<int>(sizeof(T)))
+    _mm_prefetch(reinterpret_cast<const char*>(r + i), _MM_HINT_T0);
 }
 
-GPT2F_INLINE __m512 dot64(const __m512 (&q)[4], const float* k) {
-  __m512 a = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
-  __m512 b = _mm512_mul_ps(q[1], _mm512_loadu_ps(k + 16));
-  a = _mm512_fmadd_ps(q[2], _mm512_loadu_ps(k + 32), a);
-  b = _mm512_fmadd_ps(q[3], _mm512_loadu_ps(k + 48), b);
+GPT2F_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+GPT2F_INLINE __m512 load16(const uint16_t* p) {  // bf16 bits -> fp32: widen, shift into the high half
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+template <typename T>
+GPT2F_INLINE __m512 dot64(const __m512 (&q)[4], const T* k) {
+  __m512 a = _mm512_mul_ps(q[0], load16(k));
+  __m512 b = _mm512_mul_ps(q[1], load16(k + 16));
+  a = _mm512_fmadd_ps(q[2], load16(k + 32), a);
+  b = _mm512_fmadd_ps(q[3], load16(k + 48), b);
   return _mm512_add_ps(a, b);
 }
 
-float scores_d64(const float* q, const float* K, const float* V, int64_t j0, int64_t j1, float scale, float* p) {
+template <typename T>
+float scores_d64(const float* q, const T* K, const T* V, int64_t j0, int64_t j1, float scale, float* p) {
   const __m512 qv[4] = {_mm512_loadu_ps(q), _mm512_loadu_ps(q + 16), _mm512_loadu_ps(q + 32), _mm512_loadu_ps(q + 48)};
   for (int64_t j = j0; j < std::min(j1, j0 + kPrefetchSlots); ++j) prefetch_row64(K + j * 64), prefetch_row64(V + j * 64);
   float mx = -INFINITY;
@@ -90,7 +114,7 @@ float scores_d64(const float* q, const float* K, const float* V, int64_t j0, int
   for (; j + 4 <= j1; j += 4) {
     for (int64_t r = j + kPrefetchSlots; r < std::min(j1, j + 4 + kPrefetchSlots); ++r)
       prefetch_row64(K + r * 64), prefetch_row64(V + r * 64);
-    const float* k = K + j * 64;
+    const T* k = K + j * 64;
     const __m512 s0 = dot64(qv, k), s1 = dot64(qv, k + 64), s2 = dot64(qv, k + 128), s3 = dot64(qv, k + 192);
     p[j] = _mm512_reduce_add_ps(s0) * scale;
     p[j + 1] = _mm512_reduce_add_ps(s1) * scale;
@@ -105,21 +129,22 @@ float scores_d64(const float* q, const float* K, const float* V, int64_t j0, int
   return mx;
 }
 
-void values_d64(const float* p, float inv, const float* V, int64_t j0, int64_t j1, float* o) {
+template <typename T>
+void values_d64(const float* p, float inv, const T* V, int64_t j0, int64_t j1, float* o) {
   __m512 a[4], b[4];
   for (int i = 0; i < 4; ++i) a[i] = b[i] = _mm512_setzero_ps();
   int64_t j = j0;
   for (; j + 2 <= j1; j += 2) {
     const __m512 w0 = _mm512_set1_ps(p[j] * inv), w1 = _mm512_set1_ps(p[j + 1] * inv);
-    const float *v0 = V + j * 64, *v1 = v0 + 64;
+    const T *v0 = V + j * 64, *v1 = v0 + 64;
     for (int i = 0; i < 4; ++i) {
-      a[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(v0 + 16 * i), a[i]);
-      b[i] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(v1 + 16 * i), b[i]);
+      a[i] = _mm512_fmadd_ps(w0, load16(v0 + 16 * i), a[i]);
+      b[i] = _mm512_fmadd_ps(w1, load16(v1 + 16 * i), b[i]);
     }
   }
   if (j < j1) {
     const __m512 w0 = _mm512_set1_ps(p[j] * inv);
-    for (int i = 0; i < 4; ++i) a[i] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(V + j * 64 + 16 * i), a[i]);
+    for (int i = 0; i < 4; ++i) a[i] = _mm512_fmadd_ps(w0, load16(V + j * 64 + 16 * i), a[i]);
   }
   for (int i = 0; i < 4; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_add_ps(a[i], b[i]));
 }
@@ -141,8 +166,9 @@ bool cpu_has_avx512f() {
 
 }  // namespace
 
-void attend_row(const float* q, const float* K, const float* V, int64_t j0, int64_t j1, int64_t D, float* p,
-                float* o, bool avx512) {
+template <typename T>
+void attend_row(const float* q, const T* K, const T* V, int64_t j0, int64_t j1, int64_t D, float* p, float* o,
+                bool avx512) {
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   float sum = 0.f;
 #ifdef GPT2F_ATTEND_X86
@@ -157,6 +183,11 @@ void attend_row(const float* q, const float* K, const float* V, int64_t j0, int6
   exp_shift(p + j0, j1 - j0, mx, &sum);
   values_generic(p, 1.f / sum, V, j0, j1, D, o);
 }
+
+template void attend_row<float>(const float*, const float*, const float*, int64_t, int64_t, int64_t, float*, float*,
+                                bool);
+template void attend_row<uint16_t>(const float*, const uint16_t*, const uint16_t*, int64_t, int64_t, int64_t, float*,
+                                   float*, bool);
 
 }  // namespace cpu
 }  // namespace gpt2_fast

@@ -6,10 +6,12 @@
 namespace gpt2_fast {
 namespace cpu {
 
-// o (D) = softmax(q . K[j] / sqrt(D) for j in [j0, j1)) @ V[j0:j1], K and V (S, D) fp32 row-major;
-// p: scratch of at least j1 floats. avx512: the AVX-512 path where D == 64 and the CPU has it.
-void attend_row(const float* q, const float* K, const float* V, int64_t j0, int64_t j1, int64_t D, float* p,
-                float* o, bool avx512);
+// o (D) = softmax(q . K[j] / sqrt(D) for j in [j0, j1)) @ V[j0:j1], K and V (S, D) row-major, T = float
+// or uint16_t (bf16 bits); p: scratch of at least j1 floats. avx512: the AVX-512 path where D == 64 and
+// the CPU has it.
+template <typename T>
+void attend_row(const float* q, const T* K, const T* V, int64_t j0, int64_t j1, int64_t D, float* p, float* o,
+                bool avx512);
 
 }  // namespace cpu
 }  // namespace gpt2_fast

@@ -97,7 +97,8 @@ struct Linear {             // one projection: the view the GEMV reads + the ten
 struct LayerPlan {
   const float *l1w, *l1b, *l2w, *l2b;
   Linear qkv, ao, fc, mp;
-  float *kc, *vc;
+  void *kc, *vc;  // fp32 or bf16 (kv_bf16) caches (B_max, H, S, D)
+  bool kv_bf16;
 };
 
 static const float* opt_f32(const Tensor& t, int64_t n, const char* what) {
@@ -127,20 +128,35 @@ static void embed_rows(const Tensor& wte, const float* scale, const int64_t* ids
 
 // row b, head h: write k, v of its T new positions into the caches, then attend each of them over
 // the live slots [kv_start[b], slot] (causal). p: scratch of S floats.
-static void attend_pair(const float* qkv, float* out, float* kc, float* vc, const Shape& s, int64_t b, int64_t h,
-                        float* p, bool avx512) {
-  const int64_t C = s.C, D = s.D, T = s.T;
-  float* K = kc + (b * s.H + h) * s.S * D;
-  float* V = vc + (b * s.H + h) * s.S * D;
-  for (int64_t t = 0; t < T; ++t) {
-    const float* row = qkv + (b * T + t) * 3 * C;
-    std::memcpy(K + (s.start + t) * D, row + C + h * D, sizeof(float) * D);
-    std::memcpy(V + (s.start + t) * D, row + 2 * C + h * D, sizeof(float) * D);
+GPT2F_INLINE void store_kv(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, sizeof(float) * n); }
+GPT2F_INLINE void store_kv(const float* src, uint16_t* dst, int64_t n) {  // round to nearest even, as torch
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]).x;
+}
+
+template <typename T>
+static void attend_pair_t(const float* qkv, float* out, T* kc, T* vc, const Shape& s, int64_t b, int64_t h, float* p,
+                          bool avx512) {
+  const int64_t C = s.C, D = s.D, T_ = s.T;
+  T* K = kc + (b * s.H + h) * s.S * D;
+  T* V = vc + (b * s.H + h) * s.S * D;
+  for (int64_t t = 0; t < T_; ++t) {
+    const float* row = qkv + (b * T_ + t) * 3 * C;
+    store_kv(row + C + h * D, K + (s.start + t) * D, D);
+    store_kv(row + 2 * C + h * D, V + (s.start + t) * D, D);
   }
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < T_; ++t) {
     const int64_t j0 = std::min(s.ks[b], s.start + t), j1 = s.start + t + 1;  // live slots
-    attend_row(qkv + (b * T + t) * 3 * C + h * D, K, V, j0, j1, D, p, out + (b * T + t) * C + h * D, avx512);
+    attend_row<T>(qkv + (b * T_ + t) * 3 * C + h * D, K, V, j0, j1, D, p, out + (b * T_ + t) * C + h * D, avx512);
   }
+}
+
+// the cache is fp32 or bf16 (LayerPlan::kv_bf16)
+static void attend_pair(const float* qkv, float* out, const LayerPlan& P, const Shape& s, int64_t b, int64_t h,
+                        float* p, bool avx512) {
+  if (P.kv_bf16)
+    attend_pair_t(qkv, out, static_cast<uint16_t*>(P.kc), static_cast<uint16_t*>(P.vc), s, b, h, p, avx512);
+  else
+    attend_pair_t(qkv, out, static_cast<float*>(P.kc), static_cast<float*>(P.vc), s, b, h, p, avx512);
 }
 
 // the final LayerNorm of the rows the LM head reads: the last position of each batch row, or every
@@ -172,8 +188,9 @@ static LayerPlan make_plan(at::TensorList L, const Tensor& kc, const Tensor& vc,
   const int64_t F = L[FC_W].size(0);
   P.fc = make_linear(L, FC_W, FC_S, FC_B, F, C, "c_fc");
   P.mp = make_linear(L, MP_W, MP_S, MP_B, C, F, "mlp.c_proj");
-  P.kc = kc.data_ptr<float>();
-  P.vc = vc.data_ptr<float>();
+  P.kc = kc.data_ptr();
+  P.vc = vc.data_ptr();
+  P.kv_bf16 = kc.scalar_type() == at::kBFloat16;
   return P;
 }
 
@@ -209,7 +226,7 @@ static void run_layer_gemm(const LayerPlan& P, float* x, float* h, float* qkv, f
   lin(P.qkv, h, M, qkv, false, isa, lowp);
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(s.S);
-    for (int64_t i = i0; i < i1; ++i) attend_pair(qkv, att, P.kc, P.vc, s, i / s.H, i % s.H, p.data(), isa == Isa::Avx512);
+    for (int64_t i = i0; i < i1; ++i) attend_pair(qkv, att, P, s, i / s.H, i % s.H, p.data(), isa == Isa::Avx512);
   });
   lin(P.ao, att, M, x, true, isa, lowp);
   for (int64_t m = 0; m < M; ++m) ln_row(x + m * C, P.l2w, P.l2b, h + m * C, C, eps);
@@ -267,12 +284,12 @@ static void layer_small(const LayerPlan& P, float* x, float* qkv, float* att, fl
   if (D % gemv_unit(P.qkv.w) == 0) {  // a chunk = a head: its q, k, v columns, cache write, attention
     ph[0].run(static_cast<int32_t>(H), c.who, ln1, [&](int32_t hh) {
       for (int64_t sec = 0; sec < 3; ++sec) gemv_cols(g, sec * C + hh * D, sec * C + (hh + 1) * D);
-      for (int64_t b = 0; b < s.B; ++b) attend_pair(qkv, att, P.kc, P.vc, s, b, hh, c.p.data(), c.isa == Isa::Avx512);
+      for (int64_t b = 0; b < s.B; ++b) attend_pair(qkv, att, P, s, b, hh, c.p.data(), c.isa == Isa::Avx512);
     });
   } else {  // QKV columns, then (row, head) pairs
     gemv_phase(ph[0], c, P.qkv.w, g, ln1, none);
     ph[4].run(static_cast<int32_t>(s.B * H), c.who, [] {},
-              [&](int32_t i) { attend_pair(qkv, att, P.kc, P.vc, s, i / H, i % H, c.p.data(), c.isa == Isa::Avx512); });
+              [&](int32_t i) { attend_pair(qkv, att, P, s, i / H, i % H, c.p.data(), c.isa == Isa::Avx512); });
   }
   gemv_phase(ph[1], c, P.ao.w, g, [&] { g = c.gemv(P.ao, att, M, x, true); }, none);
   auto ln2 = [&] {
@@ -398,8 +415,9 @@ Tensor cpu_gpt2_forward(const Tensor& idx, int64_t start, const OptTensor& kv_st
   for (int64_t l = 0; l < n_layer; ++l) {
     const Tensor &kc = k_caches[l], &vc = v_caches[l];
     for (const Tensor* c : {&kc, &vc})
-      TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->sizes() == k_caches[0].sizes(),
-                  "KV caches must be contiguous float32 tensors of one shape");
+      TORCH_CHECK((c->scalar_type() == at::kFloat || c->scalar_type() == at::kBFloat16) && c->is_contiguous() &&
+                      c->sizes() == k_caches[0].sizes() && c->scalar_type() == k_caches[0].scalar_type(),
+                  "KV caches must be contiguous float32 or bfloat16 tensors of one shape and dtype");
     plans.push_back(make_plan(layers.slice(l * kLayerTensors, kLayerTensors), kc, vc, C));
     F = std::max(F, plans.back().fc.w.N);
   }
