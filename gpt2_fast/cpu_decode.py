@@ -13,7 +13,7 @@ Weights are read where the model keeps them, no copy: nn.Linear weights in eithe
 (the engine's (in, out)-major cpu_layout or nn.Linear's own), Int8Linear's int8 weight + scales
 (gpt2_fast/quant.py), the tied embedding as the LM head. Only small tensors (biases, LayerNorm,
 positions) are passed as fp32 (copies only for a bf16 model: a few MB). The KV cache is the
-model's own static cache: fp32, or bf16 for low-precision-activation models (kv_cache_dtype).
+model's own static cache: fp32, or bf16 for a bf16 model (kv_cache_dtype).
 
 GPT2_FAST_CPU_FUSED=0 turns it off (the engine then runs the Python step);
 GPT2_FAST_CPU_ISA=portable|avx2|avx512 caps the kernels' instruction set;
@@ -154,21 +154,19 @@ def _lowp_from_env() -> bool:
     return env == "1"
 
 
-def kv_cache_dtype(model, lowp_act: Optional[bool] = None) -> torch.dtype:
-    """The KV cache dtype the engine gives cpu_gpt2_forward: bf16 for a model with low-precision
-    activations (int8 or bf16 weights, lowp_act on: the default), which halves the bytes attention
-    reads per token (x0.5 attention time at long contexts); fp32 otherwise (fp32 models stay exact).
+def kv_cache_dtype(model) -> torch.dtype:
+    """The KV cache dtype the engine gives cpu_gpt2_forward: the model's float dtype, as the Python
+    path's setup_cache gives it: bf16 for a bf16 model (half the bytes attention reads per token:
+    x0.5 attention time at long contexts), fp32 otherwise, int8 models included: with a bf16 cache
+    the W8A8 gpt2 of bench/cpu_decode_peers.py (random weights, near-tied logits) left the fp32
+    model's greedy tokens at token 60 of 128 (at 830 live slots it ran 0.78x the time).
     GPT2_FAST_CPU_KV=fp32|bf16 forces one."""
     env = os.environ.get("GPT2_FAST_CPU_KV", "")
     if env not in ("", "fp32", "bf16"):
         raise ValueError(f"GPT2_FAST_CPU_KV must be fp32 or bf16, got {env!r}")
     if env:
         return torch.bfloat16 if env == "bf16" else torch.float32
-    from .quant import Int8Linear
-    lowp_weights = model.transformer.wte.weight.dtype == torch.bfloat16 or any(
-        isinstance(mod, Int8Linear) for mod in (model.lm_head, model.transformer.h[0].attn.c_attn))
-    lowp = _lowp_from_env() if lowp_act is None else lowp_act
-    return torch.bfloat16 if lowp and lowp_weights else torch.float32
+    return torch.bfloat16 if model.transformer.wte.weight.dtype == torch.bfloat16 else torch.float32
 
 
 def cpu_decoder_for(model, previous: Optional[CpuDecoder] = None) -> Optional[CpuDecoder]:

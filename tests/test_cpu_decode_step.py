@@ -148,30 +148,25 @@ def test_bf16_kv_cache_stays_close_to_fp32_on_every_isa(n_embd, n_head):
         assert 0 < err <= 0.006, (isa, float(err))  # measured 0.2%; 0: the bf16 cache was not used
 
 
-def test_kv_cache_dtype_follows_the_activations(monkeypatch):
-    from gpt2_fast.cpu_decode import kv_cache_dtype
-    monkeypatch.delenv("GPT2_FAST_CPU_LOWP_ACT", raising=False)
+def test_kv_cache_dtype_is_the_models_float_dtype(monkeypatch):
+    from gpt2_fast.cpu_decode import kv_cache_dtype, pack_for_cpu_inference
     monkeypatch.delenv("GPT2_FAST_CPU_KV", raising=False)
-    fp32 = make_model()
-    int8 = quantize_int8(make_model())
-    int8_body = quantize_int8(make_model(), lm_head=False)
-    bf16 = make_model().to(torch.bfloat16)
-    assert kv_cache_dtype(fp32) == torch.float32
-    for m in (int8, int8_body, bf16):
-        assert kv_cache_dtype(m) == torch.bfloat16
-        assert kv_cache_dtype(m, lowp_act=False) == torch.float32
-    monkeypatch.setenv("GPT2_FAST_CPU_LOWP_ACT", "0")
-    assert kv_cache_dtype(int8) == torch.float32
+    fp32, bf16 = make_model(), make_model().to(torch.bfloat16)
+    int8 = pack_for_cpu_inference(quantize_int8(make_model()))   # its wte: an Int8Embedding
+    assert kv_cache_dtype(fp32) == kv_cache_dtype(int8) == torch.float32
+    assert kv_cache_dtype(bf16) == torch.bfloat16
     monkeypatch.setenv("GPT2_FAST_CPU_KV", "bf16")
     assert kv_cache_dtype(fp32) == torch.bfloat16
+    monkeypatch.setenv("GPT2_FAST_CPU_KV", "fp32")
+    assert kv_cache_dtype(bf16) == torch.float32
     monkeypatch.setenv("GPT2_FAST_CPU_KV", "half")
     with pytest.raises(ValueError, match="GPT2_FAST_CPU_KV must be fp32 or bf16"):
         kv_cache_dtype(fp32)
     monkeypatch.delenv("GPT2_FAST_CPU_KV")
-    monkeypatch.delenv("GPT2_FAST_CPU_LOWP_ACT")
-    engine = Engine(int8)                              # the engine allocates what kv_cache_dtype says
-    tokens(engine, PROMPTS[:1], 3)
-    assert engine._cpu is not None and int8.transformer.h[0].attn.kv_cache.k_cache.dtype == torch.bfloat16
+    for m, want in ((bf16, torch.bfloat16), (int8, torch.float32)):  # what the engine allocates
+        engine = Engine(m)
+        tokens(engine, PROMPTS[:1], 3)
+        assert engine._cpu is not None and m.transformer.h[0].attn.kv_cache.k_cache.dtype == want
 
 
 def test_fused_forward_rejects_bad_inputs(model):
