@@ -4,7 +4,7 @@
 // in three passes (scores and their max, exp and sum, the weighted sum of V rows), fp32 throughout.
 //
 // Two implementations of the scores and values passes, the same math:
-//  - generic: any D, vectorized by the compiler (GPT2F_CLONES: AVX2 or baseline);
+//  - generic: any D, vectorized by the compiler (GPT2F_CLONES_AVX512: AVX-512F, AVX2 or baseline);
 //  - AVX-512 for D = 64 (every GPT-2 size): four slots at a time with independent accumulators.
 //    The generic scores loop is one dependent chain of D/8 FMAs and a horizontal sum per slot (~40
 //    cycles for 256 bytes: slower than memory); here four chains run side by side. The values pass
@@ -44,7 +44,7 @@ GPT2F_INLINE float kv_f32(uint16_t v) {
 }
 
 template <typename T>
-GPT2F_CLONES float scores_generic(const float* __restrict q, const T* __restrict K, int64_t j0, int64_t j1,
+GPT2F_CLONES_AVX512 float scores_generic(const float* __restrict q, const T* __restrict K, int64_t j0, int64_t j1,
                                   int64_t D, float scale, float* __restrict p) {
   float mx = -INFINITY;
   for (int64_t j = j0; j < j1; ++j) {
@@ -59,7 +59,7 @@ GPT2F_CLONES float scores_generic(const float* __restrict q, const T* __restrict
 }
 
 template <typename T>
-GPT2F_CLONES void values_generic(const float* __restrict p, float inv, const T* __restrict V, int64_t j0,
+GPT2F_CLONES_AVX512 void values_generic(const float* __restrict p, float inv, const T* __restrict V, int64_t j0,
                                  int64_t j1, int64_t D, float* __restrict o) {
   for (int64_t i = 0; i < D; ++i) o[i] = 0.f;
   for (int64_t j = j0; j < j1; ++j) {
@@ -70,7 +70,7 @@ GPT2F_CLONES void values_generic(const float* __restrict p, float inv, const T* 
   }
 }
 
-GPT2F_CLONES void exp_shift(float* __restrict s, int64_t n, float mx, float* sum_out) {
+GPT2F_CLONES_AVX512 void exp_shift(float* __restrict s, int64_t n, float mx, float* sum_out) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {

@@ -2,10 +2,12 @@
 //
 // Design: every CPU kernel converts its rows to fp32 scratch, runs an fp32 row function, and
 // converts once on store (the Liger "load, cast to fp32, compute, cast once" pattern). The fp32
-// row functions are compiled three times with GCC's target_clones (AVX-512F, AVX2 and the x86-64
-// baseline) and picked at load time, so one build is fast on AVX2 and AVX-512 machines and still runs
-// on older ones (the AVX-512 clone halved the GELU's share of a 32-token fp32 prefill, 2.6% -> 1.1%,
-// perf on this Xeon). std::exp / std::tanh do not vectorize without -ffast-math, so exp is a Cephes-style
+// row functions are compiled twice with GCC's target_clones (AVX2 and the x86-64 baseline) and
+// picked at load time, so one build is fast on AVX2 machines and still runs on older ones; the
+// inference-only loops of the fused decode step (GPT2F_CLONES_AVX512) get an AVX-512F clone too, which
+// halved the GELU's share of a 32-token fp32 prefill (2.6% -> 1.1%, perf on this Xeon). The training
+// ops keep AVX2: with AVX-512 clones everywhere the demo's bf16 training step ran a median 1.05x the
+// time over 8 paired runs (noisy, not a clear gain). std::exp / std::tanh do not vectorize without -ffast-math, so exp is a Cephes-style
 // range reduction + degree-6 polynomial (relative error ~2e-7 on the fp32 range), written with
 // plain arithmetic so that the loops around it vectorize (that also needs -fno-trapping-math,
 // which gpt2_fast/build_ext.py passes, as torch's own build does, so that selects if-convert).
@@ -27,9 +29,11 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // "avx2" and not "arch=haswell": GCC will not inline the default-target helpers below into an
 // arch= clone, and without inlining the loops do not vectorize.
-#define GPT2F_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define GPT2F_CLONES __attribute__((target_clones("avx2", "default")))
+#define GPT2F_CLONES_AVX512 __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define GPT2F_CLONES
+#define GPT2F_CLONES_AVX512
 #endif
 
 namespace gpt2_fast {

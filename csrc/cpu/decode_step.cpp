@@ -57,7 +57,7 @@ constexpr float kGeluK1 = 0.044715f;
 // kernels (fp32 rows)
 // ------------------------------------------------------------------------------------------
 
-GPT2F_CLONES static void ln_row(const float* __restrict x, const float* __restrict w, const float* __restrict b,
+GPT2F_CLONES_AVX512 static void ln_row(const float* __restrict x, const float* __restrict w, const float* __restrict b,
                                 float* __restrict y, int64_t C, float eps) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -71,7 +71,7 @@ GPT2F_CLONES static void ln_row(const float* __restrict x, const float* __restri
   for (int64_t i = 0; i < C; ++i) y[i] = (x[i] - mean) * rstd * (w ? w[i] : 1.f) + (b ? b[i] : 0.f);
 }
 
-GPT2F_CLONES static void gelu_inplace(float* __restrict y, int64_t n) {
+GPT2F_CLONES_AVX512 static void gelu_inplace(float* __restrict y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float u = y[i];
