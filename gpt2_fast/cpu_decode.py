@@ -137,7 +137,7 @@ class CpuDecoder:
                 all_logits: bool = False) -> Tensor:
         """idx (B, T) int64 at cache slots [start, start + T) (kv_start (B,): padding slots per row)
         -> fp32 logits (B, vocab) of the last position, or (B, T, vocab) with all_logits. Uses and
-        fills the model's KV cache (model.setup_cache(..., dtype=torch.float32) first)."""
+        fills the model's KV cache (model.setup_cache(..., dtype=torch.float32 or torch.bfloat16) first)."""
         # the module dicts, not attribute access: nn.Module.__getattr__ on 24 modules and 24 buffers ran
         # cold after every step's weight stream (~100 us a token, 1% of an int8 step)
         caches = [a._modules["kv_cache"] for a in self._attn]

@@ -14,7 +14,7 @@
 //    the step's weight stream, and its rows are only a few KiB per head, too short for the hardware
 //    prefetcher to ramp up.
 // The cache holds fp32 or bf16 (uint16_t bits, widened in registers: a shift); bf16 halves the bytes
-// attention reads per token (cpu_decode.py keeps it in bf16 for low-precision-activation models).
+// attention reads per token (cpu_decode.py's kv_cache_dtype: a bf16 model's cache).
 #include "attend_row.h"
 
 #include <algorithm>
@@ -152,18 +152,6 @@ void values_d64(const float* p, float inv, const T* V, int64_t j0, int64_t j1, f
 #pragma GCC pop_options
 #endif
 
-bool cpu_has_avx512f() {
-#ifdef GPT2F_ATTEND_X86
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return yes;
-#else
-  return false;
-#endif
-}
-
 }  // namespace
 
 template <typename T>
@@ -172,7 +160,7 @@ void attend_row(const float* q, const T* K, const T* V, int64_t j0, int64_t j1, 
   const float scale = 1.f / std::sqrt(static_cast<float>(D));
   float sum = 0.f;
 #ifdef GPT2F_ATTEND_X86
-  if (avx512 && D == 64 && cpu_has_avx512f()) {
+  if (avx512 && D == 64) {
     const float mx = scores_d64(q, K, V, j0, j1, scale, p);
     exp_shift(p + j0, j1 - j0, mx, &sum);
     values_d64(p, 1.f / sum, V, j0, j1, o);

@@ -10,7 +10,7 @@
 //                                                            positions with all_logits: perplexity)
 //
 // Weights are read where the model keeps them (fp32 / bf16 / int8 + per-channel scale, either
-// layout of gemv.h); activations, LayerNorm, softmax and the KV cache are fp32. Tensors arrive as
+// layout of gemv.h); activations, LayerNorm and softmax are fp32, the KV cache fp32 or bf16. Tensors arrive as
 // two flat lists (cpu_decode.py builds them once): globals = [wte, wpe, lnf_w, lnf_b, lm_w, lm_s]
 // (wte int8: the LM head's own rows, scaled by lm_s)
 // and kLayerTensors per layer (order below); an empty tensor stands for "none" (no bias, no
@@ -133,20 +133,20 @@ GPT2F_INLINE void store_kv(const float* src, uint16_t* dst, int64_t n) {  // rou
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]).x;
 }
 
-template <typename T>
-static void attend_pair_t(const float* qkv, float* out, T* kc, T* vc, const Shape& s, int64_t b, int64_t h, float* p,
+template <typename KV>
+static void attend_pair_t(const float* qkv, float* out, KV* kc, KV* vc, const Shape& s, int64_t b, int64_t h, float* p,
                           bool avx512) {
-  const int64_t C = s.C, D = s.D, T_ = s.T;
-  T* K = kc + (b * s.H + h) * s.S * D;
-  T* V = vc + (b * s.H + h) * s.S * D;
-  for (int64_t t = 0; t < T_; ++t) {
-    const float* row = qkv + (b * T_ + t) * 3 * C;
+  const int64_t C = s.C, D = s.D, T = s.T;
+  KV* K = kc + (b * s.H + h) * s.S * D;
+  KV* V = vc + (b * s.H + h) * s.S * D;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* row = qkv + (b * T + t) * 3 * C;
     store_kv(row + C + h * D, K + (s.start + t) * D, D);
     store_kv(row + 2 * C + h * D, V + (s.start + t) * D, D);
   }
-  for (int64_t t = 0; t < T_; ++t) {
+  for (int64_t t = 0; t < T; ++t) {
     const int64_t j0 = std::min(s.ks[b], s.start + t), j1 = s.start + t + 1;  // live slots
-    attend_row<T>(qkv + (b * T_ + t) * 3 * C + h * D, K, V, j0, j1, D, p, out + (b * T_ + t) * C + h * D, avx512);
+    attend_row<KV>(qkv + (b * T + t) * 3 * C + h * D, K, V, j0, j1, D, p, out + (b * T + t) * C + h * D, avx512);
   }
 }
 
@@ -197,19 +197,19 @@ static LayerPlan make_plan(at::TensorList L, const Tensor& kc, const Tensor& vc,
 // Up to this many rows (B * T) the forward runs in one parallel region with the GEMV kernels, whose
 // (N, K) loop keeps a group of 4 weight rows in L1 while it goes over every row of x: the weights
 // are read from memory once per call and int8 / bf16 need no float copy (int8 prefill of 32
-// tokens ~70 vs ~95 ms with a dequantized copy + GEMM, one thread, here). fp32 weights go to
-// ATen's GEMM beyond kGemvMaxRows: MKL's fp32 kernel beats ours there (~86 vs ~100 ms).
+// tokens ~70 vs ~95 ms with a dequantized copy + GEMM, one thread, here). Beyond kGemvMaxRows,
+// ATen's GEMM (gemv.cpp's linear) where it beats the region: fp32 weights (MKL's sgemm, ~86 vs
+// ~100 ms) and low-precision activations (oneDNN's bf16 / int8 GEMM on AMX: 32-token prefill
+// bf16 36-38 vs 89-103 ms, W8A8 23-28 vs 43-50, one thread). int8 / bf16 weights with fp32
+// activations stay in the region up to 64 rows (ATen has no such GEMM).
 // GPT2_FAST_CPU_REGION_ROWS overrides the limit (A/B runs).
-// fp32 weights and bf16 ones with bf16 activations: ATen's GEMM beyond the GEMV's rows (MKL sgemm; oneDNN's
-// bf16 GEMM on AMX / AVX512-BF16: a 32-token bf16 prefill 36-38 vs 89-103 ms in the region, one thread);
-// int8 and bf16 with fp32 activations: the region's GEMV kernels up to 64 rows (ATen has no such GEMM)
 static int64_t region_max_rows(const WeightView& w, Isa isa, bool lowp) {
   static const int64_t env = [] {
     const char* v = std::getenv("GPT2_FAST_CPU_REGION_ROWS");
     return v && *v ? std::atoll(v) : int64_t{-1};
   }();
   if (env >= 0) return env;
-  const bool gemm = w.dtype == at::kFloat || (w.dtype != at::kFloat && lowp_applies(w, isa, lowp));
+  const bool gemm = w.dtype == at::kFloat || lowp_applies(w, isa, lowp);
   return gemm ? kGemvMaxRows : 64;
 }
 

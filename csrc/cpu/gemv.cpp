@@ -534,7 +534,7 @@ void linear(const float* x, int64_t M, int64_t ldx, const Tensor& weight, const 
     // the fp32 GEMM; a 32-token bf16 prefill 36-38 ms vs 89-103 with the GEMV kernels (one thread)
     out = at::mm(xt.to(at::kBFloat16), weight.t()).to(at::kFloat);  // (M, N)
     nk = false;
-  } else if (weight.scalar_type() == at::kChar && !w.kn && lowp_applies(w, isa, lowp_act)) {
+  } else if (weight.scalar_type() == at::kChar && lowp_applies(w, isa, lowp_act)) {
     // W8A8 in ATen's int8 GEMM (oneDNN; AMX-INT8 here): x rounded to int8 per row, symmetric (scale
     // amax / 127: 8 bits with the sign, as ONNX Runtime's and CTranslate2's int8 prefill; the decode
     // kernels keep 8 bits per sign), exact int32 sums, the row scale here, the weight's in the epilogue

@@ -22,6 +22,7 @@
 
 #include "../common.h"
 #include "../ops.h"
+#include "gemv.h"
 
 namespace gpt2_fast {
 namespace cpu {
@@ -60,10 +61,7 @@ __attribute__((target("avx512f"))) static int64_t argmax_avx512(const float* x, 
 
 static int64_t argmax_row(const float* x, int64_t n) {
 #ifdef GPT2F_ARGMAX_X86
-  static const bool avx512 = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f");
-  }();
+  static const bool avx512 = best_isa() == Isa::Avx512;  // gemv.h: the CPU's, capped by GPT2_FAST_CPU_ISA
   if (avx512 && n >= 16 && n < (int64_t{1} << 31)) return argmax_avx512(x, n);
 #endif
   return argmax_scalar(x, n, 1, 0);
