@@ -169,6 +169,25 @@ def test_kv_cache_dtype_is_the_models_float_dtype(monkeypatch):
         assert engine._cpu is not None and m.transformer.h[0].attn.kv_cache.k_cache.dtype == want
 
 
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8"])
+def test_generate_inside_autocast_gives_the_same_tokens(kind):
+    """A caller's torch.autocast does not reach the C++ forward's prefill GEMMs (a 20-token prompt:
+    the ATen GEMM path): an fp32 model inside autocast(bf16) crashed ('expected scalar type Float but
+    found BFloat16'); every dtype gives the tokens it gives outside autocast."""
+    from gpt2_fast.cpu_decode import pack_for_cpu_inference
+    m = make_model()
+    if kind == "bf16":
+        m = m.to(torch.bfloat16)
+    elif kind == "int8":
+        m = pack_for_cpu_inference(quantize_int8(m))
+    engine, prompt = Engine(m), [list(range(3, 23))]
+    want = tokens(engine, prompt, 6)
+    assert engine._cpu is not None
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            assert tokens(engine, prompt, 6) == want, dtype
+
+
 def test_fused_forward_rejects_bad_inputs(model):
     m = copy.deepcopy(model)
     m.setup_cache(1, 8, dtype=torch.float32)

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/addmm.h>
 
@@ -523,7 +524,10 @@ void linear(const float* x, int64_t M, int64_t ldx, const Tensor& weight, const 
     gemv(x, M, ldx, w, bias, y, ldy, accumulate, isa, lowp_act);
     return;
   }
-  // prefill: ATen GEMM on a float weight (a temporary copy for int8), epilogue here
+  // prefill: ATen GEMM on a float weight (a temporary copy for int8), epilogue here. The GEMMs run in
+  // the precision chosen below, also inside a caller's torch.autocast (which would otherwise turn the
+  // fp32 at::mm into a bf16 one and its result into a type this epilogue does not read)
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   Tensor xt = at::from_blob(const_cast<float*>(x), {M, w.K}, {ldx, 1}, f32);
   Tensor out;
